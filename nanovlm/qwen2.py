@@ -1,0 +1,239 @@
+"""Qwen2 / Qwen2.5 decoder-only language model, from scratch.
+
+    model = Qwen2.from_pretrained("Qwen/Qwen2.5-0.5B-Instruct")   # or a local checkpoint directory
+    logits = model(input_ids)                                      # (B, T) -> (B, T, vocab)
+
+A stack of pre-norm blocks, x = x + attn(rmsnorm(x)); x = x + mlp(rmsnorm(x)), then a final RMSNorm and the
+output head (tied to the token embedding in the small Qwen2.5 models). Attention uses rotary position
+embeddings, grouped-query attention (few kv heads shared by many query heads) and, unusually, a bias on the
+q/k/v projections. The MLP is SwiGLU: down(silu(gate(x)) * up(x)).
+
+Numbers match transformers' Qwen2ForCausalLM to ~1e-6 in fp32 (tests/test_qwen2.py), which needs care in two
+places: RMSNorm computes in fp32 and casts back before the weight, and the rotary frequencies are computed
+in fp32 on the fly (not kept as a buffer that model.to(bfloat16) would round).
+"""
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanovlm.attention import attention
+from nanovlm.weights import (config_dtype, load_mapped, read_config, read_safetensors, resolve_checkpoint,
+                             save_mapped)
+
+
+@dataclass
+class Qwen2Config:
+    # Field names follow the official config.json so the two read alike. Defaults: Qwen2.5-0.5B.
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int = 0                 # 0: hidden_size // num_attention_heads
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    attn_backend: str = "auto"        # see nanovlm/attention.py
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf):
+        """From an official config.json dict, as written by transformers 4.x (rope_theta) or 5.x (rope_parameters)."""
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise NotImplementedError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        if hf.get("use_sliding_window"):
+            raise NotImplementedError("sliding-window attention (use_sliding_window=true) is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act {hf['hidden_act']!r}: Qwen2 uses silu")
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in hf.items() if k in names and v is not None}
+        kw["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", 10000.0))  # 10000: transformers' default
+        kw["tie_word_embeddings"] = hf.get("tie_word_embeddings", False)          # False: transformers' default
+        return cls(**kw)
+
+    def to_hf(self, dtype=torch.float32):
+        """An official config.json dict that transformers 4.x and 5.x both read."""
+        hf = {k: v for k, v in asdict(self).items() if k != "attn_backend"}
+        dtype = str(dtype).replace("torch.", "")
+        hf.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
+                  rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                  use_sliding_window=False, attention_dropout=0.0, initializer_range=0.02,
+                  torch_dtype=dtype, dtype=dtype)
+        return hf
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # In fp32: squaring bf16 activations loses the small ones; cast back *before* scaling, as the reference does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):
+    """cos, sin (B, T, head_dim) for the split-halves rotary convention. Computed in fp32, then cast."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
+                               / head_dim)                                          # (head_dim/2,)
+    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]              # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                                         # (B, T, head_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i+D/2}) pair by its angle. x: (B, T, H, D); cos/sin: (B, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, key_padding_mask, cache, layer):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)                   # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)                # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attention(q, k, v, causal=True, backend=self.cfg.attn_backend,
+                      key_padding_mask=key_padding_mask, cache=cache, layer=layer)  # (B, T, H, D)
+        return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, key_padding_mask=None, cache=None, layer=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, key_padding_mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Qwen2(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Tied: the output head *is* the embedding matrix (no second parameter, nothing extra in the file).
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # used when training from scratch; from_pretrained overwrites everything
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def hidden_states(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None, cache=None):
+        """Final normed hidden states (B, T, hidden).
+
+        input_ids (B, T) or inputs_embeds (B, T, hidden) (the VLM splices image features into these).
+        attention_mask (B, T) bool/int, 1 = real token. Without a cache any padding works and positions
+        count real tokens only; with a cache, prompts must be right-padded and the cache advances by the
+        real count of each row (see nanovlm/attention.py).
+        """
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        mask = None if attention_mask is None else attention_mask.bool()
+        if position_ids is None:
+            if cache is not None:
+                position_ids = cache.lengths[:, None] + torch.arange(T, device=x.device)[None]
+            elif mask is not None:
+                position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = torch.arange(T, device=x.device)[None].expand(B, T)   # (B, T)
+        if cache is not None and mask is not None and (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise ValueError("with a KV cache, prompts must be right-padded (attention_mask 1...1 0...0 per row)")
+        kpm = mask if cache is None and mask is not None and not mask.all() else None
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kpm, cache, i)
+        if cache is not None:
+            cache.advance(T if mask is None else mask.sum(1))
+        return self.norm(x)
+
+    def logits(self, h):
+        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None, cache=None):
+        return self.logits(self.hidden_states(input_ids, inputs_embeds, position_ids, attention_mask, cache))
+
+    # ---- official checkpoints -------------------------------------------------------------------------------
+
+    def hf_key_map(self):
+        """Our parameter names -> the official (transformers) names, spelled out."""
+        m = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+        for i in range(self.cfg.num_hidden_layers):
+            hf = f"model.layers.{i}."
+            for p in ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
+                      "o_proj.weight"):
+                m[f"layers.{i}.attn.{p}"] = hf + "self_attn." + p
+            for p in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+                m[f"layers.{i}.mlp.{p}"] = hf + "mlp." + p
+            m[f"layers.{i}.attn_norm.weight"] = hf + "input_layernorm.weight"
+            m[f"layers.{i}.mlp_norm.weight"] = hf + "post_attention_layernorm.weight"
+        if self.lm_head is not None:
+            m["lm_head.weight"] = "lm_head.weight"
+        return m
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, dtype=None, attn_backend="auto"):
+        """Load an official Qwen2/Qwen2.5 checkpoint (a directory or a hub repo id). dtype None: float32."""
+        ckpt = resolve_checkpoint(path_or_repo_id)
+        cfg = Qwen2Config.from_hf(read_config(ckpt))
+        cfg.attn_backend = attn_backend
+        with torch.device("meta"):  # no time spent on a random init that the weights overwrite
+            model = cls(cfg)
+        # A tied checkpoint may still carry a copy of the head; it is the embedding, so skip it.
+        ignore = [r"lm_head\.weight"] if cfg.tie_word_embeddings else []
+        load_mapped(model, read_safetensors(ckpt), model.hf_key_map(), ckpt, ignore,
+                    dtype=config_dtype(dtype) or torch.float32)
+        return model.eval()
+
+    def save_pretrained(self, out_dir, max_shard_bytes=None):
+        """Write config.json + safetensors with official names: transformers' from_pretrained reads them."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dtype = self.embed_tokens.weight.dtype
+        (out_dir / "config.json").write_text(json.dumps(self.cfg.to_hf(dtype), indent=2))
+        save_mapped(self, self.hf_key_map(), out_dir, max_shard_bytes)
