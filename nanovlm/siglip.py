@@ -63,8 +63,12 @@ class SiglipConfig:
 
 def preprocess_image(image, size=224):
     """PIL image -> (3, size, size) float32, exactly as the official SiglipImageProcessor does it:
-    RGB, bicubic resize to size x size, x * (1/255), (x - 0.5) / 0.5 (so pixels land in [-1, 1])."""
-    image = image.convert("RGB").resize((size, size), resample=Image.BICUBIC)
+    RGB (transparent pixels over white), bicubic resize to size x size, x * (1/255), (x - 0.5) / 0.5
+    (so pixels land in [-1, 1])."""
+    if image.mode != "RGB":  # a plain convert("RGB") would show transparent areas as whatever colour they hide
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba).convert("RGB")
+    image = image.resize((size, size), resample=Image.BICUBIC)
     x = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)   # (H, W, 3), same rounding as HF
     x = (x - np.float32(0.5)) / np.float32(0.5)
     return torch.from_numpy(x.transpose(2, 0, 1).copy())                       # (3, H, W)
