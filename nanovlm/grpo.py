@@ -1,0 +1,211 @@
+"""
+GRPO: Group Relative Policy Optimization, the reinforcement-learning stage (train_grpo.py).
+
+For each prompt we sample a group of G completions from the current policy, score each with reward
+functions (rewards.py), and ask: which completions did better than their siblings? That comparison is the
+advantage, and it replaces PPO's learned value function:
+
+    A_i = (r_i - mean(group)) / (std(group) + eps)
+
+A completion above its group's mean gets A > 0 and its tokens are made more likely; below, less likely. A
+group where every completion scored the same carries no signal (A = 0 for all of them).
+
+The loss is PPO's clipped surrogate, per completion token t of completion i:
+
+    ratio = pi(token) / pi_old(token) = exp(logp - old_logp)
+    loss  = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL_k3
+
+pi_old is the policy that sampled the completions. When each batch of samples is used for a single
+optimizer step, pi == pi_old numerically and ratio == 1, but its gradient is still d logp: the loss is the
+policy gradient -A * logp. When a batch is reused for several steps, the clip stops a token's update once
+its probability has moved more than eps away from where it was sampled, in the direction the advantage
+pushes (ratio > 1 + eps_high with A > 0, or < 1 - eps_low with A < 0): there the min picks the clipped,
+constant term and the gradient is exactly 0.
+
+KL_k3 = exp(ref - logp) - (ref - logp) - 1 keeps the policy near a frozen reference model (Schulman's k3
+estimator of KL(pi || ref): always >= 0, and 0 with zero gradient when pi == ref). beta = 0 drops it, and
+then no reference model is needed.
+
+How per-token losses become one number matters with completions of unequal length (loss_type):
+  grpo     mean over each completion's tokens, then over completions (DeepSeekMath). A long completion's
+           tokens each weigh less than a short one's: a length bias.
+  bnpo     mean over all tokens of the batch.
+  dr_grpo  sum / (B * max_completion_length): a constant denominator, no length bias (Dr. GRPO).
+  dapo     sum / number of completion tokens in the whole generation batch, across gradient-accumulation
+           micro-batches and ranks (DAPO), so every token weighs the same however the batch is split.
+"""
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Advantages
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-4):
+    """Group-relative advantages for rewards laid out as consecutive groups: [p0 c0, p0 c1, ..., p1 c0, ...].
+
+    rewards: (N,) with N a multiple of group_size. advantage = r - group mean, divided by
+      scale="group": the group's std (Bessel-corrected) + eps
+      scale="batch": the std of all N rewards (Bessel-corrected) + eps
+      scale="none":  nothing (Dr. GRPO: dividing by a small std over-weights nearly-solved prompts)
+    A group whose rewards are all equal gets exactly 0 (in floating point its mean may miss the value by an
+    ulp, and dividing that by a ~0 std would turn rounding noise into a large advantage).
+    """
+    rewards = torch.as_tensor(rewards)
+    dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of group_size={group_size}")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if scale == "group" and group_size < 2:
+        raise ValueError("scale='group' needs group_size >= 2: a group of one has no std")
+    if scale == "batch" and rewards.numel() < 2:
+        raise ValueError("scale='batch' needs at least 2 rewards: a batch of one has no std")
+
+    r = rewards.double().view(-1, group_size)  # (num_groups, G); float64 so the statistics do not drift
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        adv = adv / (r.std() + eps)
+    flat = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)  # (num_groups, 1)
+    adv = adv.masked_fill(flat, 0.0)
+    return adv.view(-1).to(dtype)  # (N,)
+
+
+def frac_zero_std_groups(rewards, group_size):
+    """Fraction of groups whose rewards are all equal: they give zero advantage, so no learning signal."""
+    rewards = torch.as_tensor(rewards)
+    if rewards.ndim != 1 or group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    r = rewards.view(-1, group_size)  # (num_groups, G)
+    return (r.amax(dim=1) == r.amin(dim=1)).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over the positions where mask is nonzero (all of them, or along dim); 0 where none are."""
+    mask = mask.bool()
+    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))  # padding may hold inf/nan
+    if dim is None:
+        return x.sum() / mask.sum().clamp(min=1)
+    return x.sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=0.0, eps_low=0.2, eps_high=0.2,
+              loss_type="grpo", max_completion_length=None, num_items_in_batch=None):
+    """The GRPO loss of one (micro-)batch of completions and its metrics (see the module docstring).
+
+    logps:      (B, T) log-probs of the sampled completion tokens under the policy being trained (with grad)
+    old_logps:  (B, T) the same under the policy that sampled them, or None when on-policy (ratio = 1)
+    ref_logps:  (B, T) the same under the frozen reference model; needed only when beta > 0
+    advantages: (B,)   one per completion, from group_advantages
+    mask:       (B, T) 1 for completion tokens to train on (mask_after_eos), 0 for padding
+    max_completion_length: the generation cap, for loss_type="dr_grpo"
+    num_items_in_batch: for loss_type="dapo", the number of completion tokens in the whole generation batch
+      (all micro-batches of the step, all ranks); defaults to mask.sum(), right for a single micro-batch.
+    Returns (loss, metrics): metrics are python floats: "completion_length" (mean tokens per completion),
+    "clip_ratio_low" / "clip_ratio_high" / "clip_ratio_region" (fraction of tokens whose gradient the clip
+    removed on the low side (A < 0), the high side (A > 0), either), and "kl" (mean k3) when beta > 0.
+    """
+    if logps.ndim != 2:
+        raise ValueError(f"logps must be (B, T), got shape {tuple(logps.shape)}")
+    B, T = logps.shape
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask)):
+        if t is not None and t.shape != logps.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, logps has {tuple(logps.shape)}")
+    if mask is None:
+        raise ValueError("mask is required: (B, T), 1 for completion tokens")
+    if advantages.shape != (B,):
+        raise ValueError(f"advantages must be (B,) = ({B},), got shape {tuple(advantages.shape)}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if beta > 0 and ref_logps is None:
+        raise ValueError(f"beta={beta} > 0 needs ref_logps (the reference model's log-probs)")
+    if not (0 <= eps_low < 1 and eps_high >= 0):
+        raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+
+    mask = mask.bool()
+    # Padding positions may hold anything (-inf log-probs of pad tokens); zero them before exp so neither the
+    # loss nor its gradient can see a nan from there.
+    zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
+    logps = torch.where(mask, logps, zero)
+    old = logps.detach() if old_logps is None else torch.where(mask, old_logps.detach(), zero)
+
+    ratio = torch.exp(logps - old)  # (B, T)
+    A = advantages.detach().to(logps.dtype)[:, None]  # (B, 1)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(ratio * A, clipped * A)  # (B, T)
+    if beta > 0:
+        delta = torch.where(mask, ref_logps.detach(), zero) - logps
+        kl = torch.exp(delta) - delta - 1  # (B, T), >= 0
+        per_token = per_token + beta * kl
+    per_token = torch.where(mask, per_token, zero)
+
+    if loss_type == "grpo":
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length (the generation cap)")
+        loss = per_token.sum() / (B * max_completion_length)
+    else:  # dapo
+        n = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        loss = per_token.sum() / n.to(per_token.device).clamp(min=1)
+
+    with torch.no_grad():
+        # Where the clip removed the gradient: moved past the bound in the direction A pushes.
+        low = (ratio < 1 - eps_low) & (A < 0) & mask
+        high = (ratio > 1 + eps_high) & (A > 0) & mask
+        metrics = {
+            "completion_length": mask.sum(-1).float().mean().item(),
+            "clip_ratio_low": masked_mean(low.float(), mask).item(),
+            "clip_ratio_high": masked_mean(high.float(), mask).item(),
+            "clip_ratio_region": masked_mean((low | high).float(), mask).item(),
+        }
+        if beta > 0:
+            metrics["kl"] = masked_mean(kl, mask).item()
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers for rollouts and logging
+
+def mask_after_eos(ids, eos_ids):
+    """Completion mask (B, T) of 0/1 longs: 1 up to and including the first end-of-turn token, 0 after it.
+
+    ids: (B, T) sampled completion ids; eos_ids: one id or several (e.g. <|im_end|> and <|endoftext|>).
+    A row with no end token (cut off at the length cap) is all ones.
+    """
+    if ids.ndim != 2:
+        raise ValueError(f"ids must be (B, T), got shape {tuple(ids.shape)}")
+    eos = torch.as_tensor(eos_ids, device=ids.device).reshape(-1)  # (n_eos,)
+    is_eos = torch.isin(ids, eos)  # (B, T)
+    T = ids.shape[1]
+    # index of the first eos per row, T when there is none
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    return (torch.arange(T, device=ids.device)[None, :] <= first[:, None]).long()  # (B, T)
+
+
+def entropy_from_logits(logits):
+    """Entropy of the next-token distribution at every position: (B, T, V) -> (B, T), in nats.
+
+    H = logsumexp(z) - sum softmax(z) * z, computed in float32 (bf16 logits lose the small probabilities).
+    A policy whose entropy collapses toward 0 has stopped exploring. Wrap in torch.no_grad() for logging.
+    """
+    logits = logits.float()
+    p = F.softmax(logits, dim=-1)  # (B, T, V)
+    # a banned token (logit -inf) has p = 0 and adds nothing; without nan_to_num 0 * -inf would be nan
+    return torch.logsumexp(logits, dim=-1) - (p * logits.nan_to_num(neginf=0.0)).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollouts (sampling G completions per prompt and scoring them with rewards.combine_rewards) go here.
