@@ -1,0 +1,243 @@
+"""
+Data: the dataset formats people already have, read as they are, turned into model inputs.
+
+Three record formats, in a JSON list or in JSONL (one record a line), detected per record:
+
+    LLaVA          {"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nDescribe it."},
+                                                         {"from": "gpt", "value": "A cat."}]}
+                   (LLaVA-CC3M-Pretrain-595K, LLaVA-Instruct; "image" absent = text only, or a list)
+    role/content   {"images": ["a.jpg"], "conversations": [{"role": "user", "content": "..."}, ...]}
+                   (minimind-v, Chinese-LLaVA; "messages" also accepted; <image> anywhere in the text)
+    OCR            {"query": "What is written?", "response": "¥12.50", "image_path": "a.png"}
+                   (becomes user "<image>\\n{query}" / assistant "{response}" unless the query has <image>)
+
+Each becomes one normalised sample; unknown keys (qtype, solution, id, ...) are passed through:
+
+    {"images": [absolute paths], "messages": [{"role", "content"}], "where": "file.jsonl:LINE", ...}
+
+Relative image paths are resolved against --image-root, else the data file's folder. Bad input is an
+error naming file:line and what is wrong (malformed JSON, unknown format or role, a missing image,
+<image> tags that do not match the images); nothing is skipped silently. Only a corrupt image file is
+found late, when __getitem__ opens it (opening 595K images up front would take an hour).
+
+Several datasets are mixed with weights, `--data a.jsonl:2 b.json:1`: weights are sampling
+proportions (here 2/3 of the mixture comes from a.jsonl, repeating it if it is short).
+
+VLMDataset tokenizes with the chat template (tokenizer.py) and loads pixels with the SigLIP
+preprocessing (siglip.py); collate right-pads a batch. Samples are never truncated: cutting through
+the image tokens or the answer would teach garbage, so an over-long sample is an error (or, with
+drop_long=True, dropped and counted) decided at construction, so indices never change while training.
+Cost of that length scan: the chats are tokenized in one Rust encode_batch call with a single pad per
+image (every image costs exactly image_tokens + 2 tokens) and the system turn counted once: 0.1-0.3 ms
+a sample, a minute or two for LLaVA's 595K captions, paid once at start-up. The real tokenization
+happens lazily in __getitem__, inside the DataLoader workers.
+"""
+
+import json
+import os
+import random
+import re
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from nanovlm.siglip import preprocess_image
+from nanovlm.tokenizer import DEFAULT_SYSTEM, IMAGE_TAG
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+CONSUMED = {"image", "images", "image_path", "conversations", "messages", "query", "response"}
+WHITESPACE = re.compile(r"\s*")
+
+# -----------------------------------------------------------------------------
+# reading files
+
+
+def read_records(path):
+    """Yield (line, record) from a JSON list or a JSONL file (decided by the first character)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    pos = WHITESPACE.match(text).end()
+    if text[pos:pos + 1] != "[":   # JSONL
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: malformed JSON line: {e.msg} (column {e.colno})") from None
+        return
+    # A JSON list, decoded one element at a time so each record knows the line it starts on.
+    decoder, line, last = json.JSONDecoder(), 1, 0
+    pos = WHITESPACE.match(text, pos + 1).end()
+    while text[pos:pos + 1] != "]":
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        line, last = line + text.count("\n", last, pos), pos
+        yield line, record
+        pos = WHITESPACE.match(text, end).end()
+        if text[pos:pos + 1] == ",":
+            pos = WHITESPACE.match(text, pos + 1).end()
+        elif text[pos:pos + 1] != "]":
+            lineno = line + text.count("\n", last, pos)
+            raise ValueError(f"{path}:{lineno}: malformed JSON: expected ',' or ']' after a record")
+
+
+def normalise(record, where, base_dir, check_images=True):
+    """One record in any of the three formats -> a normalised sample (see the module docstring)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    turns = record.get("conversations", record.get("messages"))
+    if turns is not None:
+        images = record.get("images", record.get("image"))
+        if not isinstance(turns, list):
+            raise ValueError(f"{where}: 'conversations' must be a list of turns")
+        messages = []
+        for k, t in enumerate(turns):
+            if not isinstance(t, dict):
+                raise ValueError(f"{where}: turn {k} is not an object: {t!r}")
+            role, content = (t.get("from"), t.get("value")) if "from" in t else (t.get("role"), t.get("content"))
+            if role not in ROLES:
+                raise ValueError(f"{where}: turn {k} has unknown role {role!r} "
+                                 f"(expected one of {', '.join(ROLES)})")
+            if not isinstance(content, str):
+                raise ValueError(f"{where}: turn {k} has no text content")
+            messages.append({"role": ROLES[role], "content": content})
+    elif "query" in record and "response" in record:
+        images = record.get("image_path", record.get("images", record.get("image")))
+        n = 1 if isinstance(images, str) else len(images or [])
+        query = record["query"] if IMAGE_TAG in record["query"] else IMAGE_TAG * n + "\n" * (n > 0) + record["query"]
+        messages = [{"role": "user", "content": query}, {"role": "assistant", "content": str(record["response"])}]
+    else:
+        raise ValueError(f"{where}: unknown record format with keys {sorted(record)}; expected "
+                         "'conversations' (LLaVA or role/content) or 'query'+'response' (OCR)")
+
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ValueError(f"{where}: images must be a path or a list of paths, got {images!r}")
+    n_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
+    if n_tags != len(images):
+        raise ValueError(f"{where}: {n_tags} {IMAGE_TAG} tag(s) in the text but {len(images)} image(s)")
+    paths = [os.path.abspath(os.path.join(base_dir, p)) for p in images]
+    for p in paths:
+        if check_images and not os.path.isfile(p):
+            raise FileNotFoundError(f"{where}: image file not found: {p}")
+    extra = {k: v for k, v in record.items() if k not in CONSUMED}
+    return {**extra, "images": paths, "messages": messages, "where": where}
+
+
+def load_dataset(path, image_root=None, check_images=True):
+    """Every record of one file, normalised. check_images=False skips the existence check (one stat
+    per image: seconds for 595K local files, but slow on a network file system)."""
+    base_dir = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+    return [normalise(r, f"{path}:{line}", base_dir, check_images) for line, r in read_records(path)]
+
+
+def parse_data_spec(spec):
+    """'a.jsonl:2 b.json:1' (or a list of such strings, or commas) -> [("a.jsonl", 2.0), ("b.json", 1.0)].
+    A missing weight is 1. Only a trailing ':number' is a weight, so 'C:/data/x.json' stays a path."""
+    items = spec.replace(",", " ").split() if isinstance(spec, str) else [s for x in spec for s in
+                                                                          x.replace(",", " ").split()]
+    out = []
+    for item in items:
+        path, _, w = item.rpartition(":")
+        try:
+            weight = float(w)
+        except ValueError:
+            path, weight = item, 1.0
+        if not path or not weight > 0:
+            raise ValueError(f"bad data spec {item!r}: expected PATH or PATH:WEIGHT with WEIGHT > 0")
+        out.append((path, weight))
+    if not out:
+        raise ValueError("empty data spec")
+    return out
+
+
+def mix(datasets, weights, total=None, seed=0):
+    """Draw round(total * w_i / sum(w)) samples from dataset i (total defaults to all samples):
+    whole shuffled passes, then a shuffled remainder, so a short dataset with a big weight repeats
+    evenly and a long one with a small weight is subsampled without repeats. Returns one shuffled list."""
+    rng = random.Random(seed)
+    total = sum(len(d) for d in datasets) if total is None else total
+    out = []
+    for data, w in zip(datasets, weights):
+        n = round(total * w / sum(weights))
+        while n > 0 and data:
+            order = rng.sample(range(len(data)), len(data))[:n]
+            out += [data[i] for i in order]
+            n -= len(order)
+    rng.shuffle(out)
+    return out
+
+
+def load_data(spec, image_root=None, seed=0, total=None, check_images=True):
+    """The --data flag end to end: parse, load each file, mix by weight (one file: kept as is)."""
+    parsed = parse_data_spec(spec)
+    datasets = [load_dataset(p, image_root, check_images) for p, _ in parsed]
+    if len(datasets) == 1 and total is None:
+        return datasets[0]
+    return mix(datasets, [w for _, w in parsed], total, seed)
+
+# -----------------------------------------------------------------------------
+# images, tokens, batches
+
+
+def load_image(path, size, where):
+    try:
+        with Image.open(path) as image:
+            image.load()   # decode now, so a truncated file fails here with its name
+            return preprocess_image(image, size)   # (3, size, size) in [-1, 1]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{where}: cannot read image {path}: {e}") from None
+
+
+class VLMDataset(torch.utils.data.Dataset):
+    def __init__(self, samples, tokenizer, image_size, image_tokens, max_length, drop_long=False,
+                 system=DEFAULT_SYSTEM):
+        self.tokenizer, self.image_size, self.image_tokens, self.system = tokenizer, image_size, image_tokens, system
+        for s in samples:  # hand-built samples get the same check as loaded ones
+            n_tags = sum(m["content"].count(IMAGE_TAG) for m in s["messages"])
+            if n_tags != len(s["images"]):
+                raise ValueError(f"{s['where']}: {n_tags} {IMAGE_TAG} tag(s) but {len(s['images'])} image(s)")
+        lengths = tokenizer.chat_lengths([s["messages"] for s in samples], image_tokens, system)
+        long = [(s["where"], n) for s, n in zip(samples, lengths) if n > max_length]
+        report = ", ".join(f"{w} ({n} tokens)" for w, n in long[:5]) + (", ..." if len(long) > 5 else "")
+        if long and not drop_long:
+            raise ValueError(f"{len(long)} sample(s) longer than max_length={max_length}: {report}. "
+                             "Raise max_length or pass drop_long=True (--drop-long) to drop them.")
+        if long:
+            print(f"dropped {len(long)} of {len(samples)} samples longer than max_length={max_length}: {report}")
+        self.n_dropped = len(long)
+        keep = [i for i, n in enumerate(lengths) if n <= max_length]
+        self.samples = [samples[i] for i in keep]
+        self.lengths = [lengths[i] for i in keep]   # for length-grouped batching, if wanted
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        ids, labels = self.tokenizer.encode_chat(s["messages"], self.image_tokens, system=self.system)
+        H = W = self.image_size
+        pixels = [load_image(p, self.image_size, s["where"]) for p in s["images"]]
+        pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, H, W)   # (n_img, 3, H, W)
+        return dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
+                    pixel_values=pixel_values, where=s["where"])
+
+
+def collate(batch, pad_id):
+    """Right-pad to the longest sample. Images of all samples are concatenated in order: the VLM fills
+    the image_pad slots of sample b with the next n_images[b] images."""
+    B, T = len(batch), max(len(b["input_ids"]) for b in batch)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.bool)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = b["input_ids"], b["labels"], True
+    pixel_values = torch.cat([b["pixel_values"] for b in batch])   # (sum n_img, 3, H, W), may be (0, 3, H, W)
+    n_images = torch.tensor([b["pixel_values"].shape[0] for b in batch], dtype=torch.long)
+    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, pixel_values=pixel_values,
+                n_images=n_images, where=[b["where"] for b in batch])

@@ -1,0 +1,245 @@
+"""
+The offline synthetic dataset: small images of coloured shapes and short rendered strings, with
+captions (stage 1, pretraining the projector), questions with short exact answers (stage 2, SFT) and
+OCR pairs (stage 3, GRPO). It lets the whole pipeline run and be evaluated without a download, and
+because every answer is exact, accuracy per question type says what the model has really learnt.
+
+Everything is written in the formats people already use, so the real loaders in data.py read it:
+
+    out_dir/
+      images/{train,val}/000123.png        scenes: 1-4 shapes on a 3x3 grid, or a short word
+      images/{train,val}/ocr_000123.png    OCR: digits, ¥/$ amounts, capital letters
+      captions_{train,val}.json            LLaVA format  {"id", "image", "conversations": [{"from", "value"}]}
+      sft_{train,val}.json                 LLaVA format + "qtype": colour|shape|count|position|text
+      ocr_{train,val}.jsonl                {"query", "response", "image_path", "qtype"}
+      scenes_{train,val}.jsonl             what was drawn (for tests and error analysis)
+      DONE.json                            written last, holds the parameters: a finished dataset
+
+Image paths are relative to out_dir. Generation is deterministic for a seed (same bytes every run)
+and fast (thousands of images per second: 64x64 PNGs drawn with PIL).
+
+    python -m nanovlm.synthetic --out-dir data/synthetic --n-train 20000 --n-val 1000 --seed 0
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+from functools import lru_cache
+
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
+           "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30)}
+SHAPES = ["circle", "square", "triangle", "diamond"]
+POSITIONS = [["top left", "top middle", "top right"],
+             ["middle left", "center", "middle right"],
+             ["bottom left", "bottom middle", "bottom right"]]   # POSITIONS[row][col]
+NUMBER_WORDS = ["no", "one", "two", "three", "four"]
+CAPTION_PROMPTS = ["Describe the image.", "What is in this picture?", "Give a short description of the image.",
+                   "Describe what you see."]
+BACKGROUND = (255, 255, 255)
+TEXT_FRACTION = 0.2   # share of scenes that show a word instead of shapes
+
+
+@lru_cache(maxsize=None)
+def font(size):
+    # DejaVu Sans ships with matplotlib and has ¥ (PIL's built-in Aileron does not).
+    try:
+        import matplotlib
+        return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts/ttf/DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size=size)
+
+
+def draw_text(image_size, text):
+    """Black text, centred, in the largest font that fits 90% of the width (legible at 64x64)."""
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    size = image_size // 2
+    size = min(size, int(size * 0.9 * image_size / d.textlength(text, font=font(size))))  # width ~ font size
+    while size > 6 and d.textlength(text, font=font(size)) > 0.9 * image_size:
+        size -= 1
+    d.text((image_size / 2, image_size / 2), text, font=font(size), fill=(0, 0, 0), anchor="mm")
+    return img
+
+
+def draw_shape(d, shape, cx, cy, r, colour):
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=colour)
+    else:  # diamond
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+
+
+def random_scene(rng, image_size):
+    """1-4 shapes in distinct cells of a 3x3 grid. Some repeat an earlier (colour, shape) so captions
+    say "two blue squares" and counting is not always 1."""
+    cells = rng.sample(range(9), rng.randint(1, 4))
+    cell = image_size / 3
+    objects = []
+    for c in cells:
+        if objects and rng.random() < 0.3:
+            colour, shape = objects[-1]["colour"], objects[-1]["shape"]
+        else:
+            colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        row, col = divmod(c, 3)
+        r = cell * rng.uniform(0.25, 0.38)
+        jitter = cell / 2 - r - 1   # keep the shape inside its cell
+        cx = round((col + 0.5) * cell + rng.uniform(-jitter, jitter))
+        cy = round((row + 0.5) * cell + rng.uniform(-jitter, jitter))
+        objects.append(dict(colour=colour, shape=shape, position=POSITIONS[row][col], center=[cx, cy],
+                            radius=round(r, 2)))
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    for o in objects:
+        draw_shape(d, o["shape"], *o["center"], o["radius"], COLOURS[o["colour"]])
+    return img, objects
+
+
+def plural(shape, n):
+    return shape if n == 1 else shape + "s"
+
+
+def caption(objects):
+    # "There are 3 shapes: a red circle in the top left and two blue squares in the center and the bottom right."
+    groups = {}
+    for o in objects:
+        groups.setdefault((o["colour"], o["shape"]), []).append(o["position"])
+    parts = []
+    for (colour, shape), where in groups.items():
+        n = len(where)
+        where = " and the ".join(where)
+        article = ("an" if colour[0] in "aeiou" else "a") if n == 1 else NUMBER_WORDS[n]
+        parts.append(f"{article} {colour} {plural(shape, n)} in the {where}")
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    n = len(objects)
+    return f"There {'is' if n == 1 else 'are'} {n} {plural('shape', n)}: {listed}."
+
+
+def question(rng, objects):
+    """One question about the scene with a short exact answer -> (qtype, question, answer)."""
+    o = rng.choice(objects)
+    unique = [p for p in objects if sum(q["colour"] == p["colour"] and q["shape"] == p["shape"]
+                                        for q in objects) == 1]
+    qtype = rng.choice(["colour", "shape", "count", "position"] if unique else ["colour", "shape", "count"])
+    if qtype == "colour":
+        return qtype, f"What colour is the shape in the {o['position']}?", o["colour"]
+    if qtype == "shape":
+        return qtype, f"What shape is in the {o['position']}?", o["shape"]
+    if qtype == "position":
+        o = rng.choice(unique)
+        return qtype, f"Where is the {o['colour']} {o['shape']}?", o["position"]
+    kind = rng.choice(["all", "colour", "shape"])   # count; the asked colour/shape may be absent: "0"
+    if kind == "all":
+        return qtype, "How many shapes are there?", str(len(objects))
+    if kind == "colour":
+        c = rng.choice(list(COLOURS))
+        return qtype, f"How many {c} shapes are there?", str(sum(p["colour"] == c for p in objects))
+    s = rng.choice(SHAPES)
+    return qtype, f"How many {plural(s, 2)} are there?", str(sum(p["shape"] == s for p in objects))
+
+
+def random_word(rng, lo=3, hi=4):
+    return "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(rng.randint(lo, hi)))
+
+
+def random_ocr_string(rng):
+    kind = rng.choice(["digits", "amount", "letters"])
+    if kind == "digits":
+        return kind, "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 5)))
+    if kind == "amount":
+        value = rng.randint(1, 999) if rng.random() < 0.3 else f"{rng.randint(0, 199)}.{rng.randint(0, 99):02d}"
+        return kind, f"{rng.choice('¥$')}{value}"
+    return kind, random_word(rng, 3, 5)
+
+
+def llava(id, image, question, answer, **extra):
+    return {"id": id, "image": image, "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                                        {"from": "gpt", "value": answer}], **extra}
+
+
+def generate_split(out_dir, split, n, seed, image_size):
+    rng = random.Random(f"{seed}:{split}")  # str seeds hash with sha512: the same on every machine and run
+    os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
+    captions, sft, ocr, scenes = [], [], [], []
+    for i in tqdm(range(n), desc=f"synthetic {split}", unit="img", mininterval=1.0):
+        image = f"images/{split}/{i:06d}.png"
+        if rng.random() < TEXT_FRACTION:
+            word = random_word(rng)
+            img = draw_text(image_size, word)
+            scenes.append({"image": image, "text": word, "objects": []})
+            captions.append(llava(f"{split}-{i}", image, rng.choice(CAPTION_PROMPTS),
+                                  f'The word "{word}" written in black.'))
+            sft.append(llava(f"{split}-{i}", image, "What does the text say?", word, qtype="text"))
+        else:
+            img, objects = random_scene(rng, image_size)
+            scenes.append({"image": image, "text": None, "objects": objects})
+            captions.append(llava(f"{split}-{i}", image, rng.choice(CAPTION_PROMPTS), caption(objects)))
+            qtype, q, a = question(rng, objects)
+            sft.append(llava(f"{split}-{i}", image, q, a, qtype=qtype))
+        img.save(os.path.join(out_dir, image))
+        # an OCR sample per scene, on its own image
+        kind, text = random_ocr_string(rng)
+        ocr_image = f"images/{split}/ocr_{i:06d}.png"
+        draw_text(image_size, text).save(os.path.join(out_dir, ocr_image))
+        ocr.append({"query": "What is the text in the image?", "response": text, "image_path": ocr_image,
+                    "qtype": kind})
+
+    def dump(name, rows, jsonl):
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            if jsonl:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            else:
+                json.dump(rows, f, ensure_ascii=False, indent=1)
+    dump(f"captions_{split}.json", captions, False)
+    dump(f"sft_{split}.json", sft, False)
+    dump(f"ocr_{split}.jsonl", ocr, True)
+    dump(f"scenes_{split}.jsonl", scenes, True)
+
+
+def generate(out_dir, n_train=20000, n_val=1000, seed=0, image_size=64):
+    params = dict(n_train=n_train, n_val=n_val, seed=seed, image_size=image_size)
+    generate_split(out_dir, "train", n_train, seed, image_size)
+    generate_split(out_dir, "val", n_val, seed, image_size)
+    with open(os.path.join(out_dir, "DONE.json"), "w") as f:   # last: its presence means "complete"
+        json.dump(params, f)
+    return out_dir
+
+
+def ensure_synthetic(out_dir, n_train=20000, n_val=1000, seed=0, image_size=64):
+    """Generate the dataset unless out_dir already holds a finished one with these parameters.
+    Built in a temporary sibling folder and renamed into place, so an interrupted run never leaves a
+    half dataset that looks done. Under DDP call it on rank 0 only, then barrier."""
+    params = dict(n_train=n_train, n_val=n_val, seed=seed, image_size=image_size)
+    marker = os.path.join(out_dir, "DONE.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == params:
+                return out_dir
+    tmp = f"{os.path.normpath(out_dir)}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate(tmp, **params)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Generate the offline synthetic VLM dataset (shapes, text, OCR).")
+    p.add_argument("--out-dir", default="data/synthetic", help="output folder (replaced if it exists)")
+    p.add_argument("--n-train", type=int, default=20000, help="training images (each gives a caption, "
+                   "an SFT question and an OCR sample)")
+    p.add_argument("--n-val", type=int, default=1000, help="validation images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64, help="square image side in pixels")
+    args = p.parse_args()
+    if os.path.exists(args.out_dir):
+        shutil.rmtree(args.out_dir)
+    generate(args.out_dir, args.n_train, args.n_val, args.seed, args.image_size)
+    print(f"wrote {args.out_dir}")
