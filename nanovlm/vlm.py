@@ -1,0 +1,213 @@
+"""The vision-language model: SigLIP ViT -> projector -> Qwen2.5 decoder.
+
+    vlm = VLM.from_pretrained("out/sft")                               # a checkpoint directory
+    loss = vlm(input_ids, pixel_values, labels=labels)["loss"]          # training
+    out = vlm.generate(prompts, pixel_values, n_images, max_new_tokens=32)  # sampling with a KV cache
+
+How an image gets into a language model: the tokenizer writes `<|vision_start|>` + N x `<|image_pad|>` +
+`<|vision_end|>` where the text said `<image>`. The VLM embeds the text as usual, runs each image through the
+ViT and the projector to get N vectors of the LM's width, and writes them over the embeddings of the N pad
+tokens, in order. From there the LM runs unchanged: to the decoder, image features are just tokens it did not
+have to look up. Samples can hold any number of images, none included (text-only samples train too).
+
+The loss is next-token cross-entropy on the positions whose label is not -100 (the assistant's answers).
+Logits are computed only at those positions: the vocabulary projection is the largest matrix product in a
+small LM and most positions (system prompt, image tokens, question) are never scored.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from nanovlm.attention import KVCache
+from nanovlm.projector import Projector, ProjectorConfig
+from nanovlm.qwen2 import Qwen2, Qwen2Config
+from nanovlm.siglip import SiglipConfig, SiglipViT
+from nanovlm.weights import config_dtype, load_mapped, read_config
+
+
+@dataclass
+class VLMConfig:
+    lm: Qwen2Config = field(default_factory=Qwen2Config)
+    vision: SiglipConfig = field(default_factory=SiglipConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    image_token_id: int = 151655       # <|image_pad|> in Qwen2.5's vocabulary
+    stop_token_ids: tuple = (151645, 151643)  # <|im_end|>, <|endoftext|>
+    pad_token_id: int = 151643
+
+    def __post_init__(self):  # accept plain dicts (as read back from config.json)
+        for name, cls in (("lm", Qwen2Config), ("vision", SiglipConfig), ("projector", ProjectorConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.projector.vision_hidden = self.vision.hidden_size
+        self.projector.lm_hidden = self.lm.hidden_size
+
+    @property
+    def image_tokens(self):
+        """Tokens one image becomes in the LM sequence (196 patches / 2^2 = 49 for SigLIP-224)."""
+        return self.vision.num_patches // self.projector.shuffle_factor ** 2
+
+    def to_dict(self):
+        return {"model_type": "vlm", **asdict(self)}
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig, lm=None, vision=None):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision if vision is not None else SiglipViT(cfg.vision)
+        self.projector = Projector(cfg.projector)
+        self.lm = lm if lm is not None else Qwen2(cfg.lm)
+
+    @classmethod
+    def from_backbones(cls, lm_path, vision_path, projector=None, dtype=None, **cfg_kw):
+        """Start from official checkpoints (dirs or hub ids), e.g. Qwen2.5-0.5B-Instruct + siglip-base-patch16-224.
+        The projector is new (randomly initialised)."""
+        lm = Qwen2.from_pretrained(lm_path, dtype=dtype)
+        vision = SiglipViT.from_pretrained(vision_path, dtype=dtype)
+        cfg = VLMConfig(lm=lm.cfg, vision=vision.cfg, projector=projector or ProjectorConfig(), **cfg_kw)
+        model = cls(cfg, lm=lm, vision=vision)
+        return model.to(lm.embed_tokens.weight.dtype).train()
+
+    # ---- forward ------------------------------------------------------------------------------------------
+
+    def image_features(self, pixel_values):
+        """(N_img, 3, H, W) -> (N_img, image_tokens, lm_hidden)"""
+        return self.projector(self.vision(pixel_values))
+
+    def embed(self, input_ids, pixel_values=None, where=None):
+        """Token embeddings with image features written over the image-pad positions. (B, T) -> (B, T, C)."""
+        x = self.lm.embed_tokens(input_ids)                                   # (B, T, C)
+        is_image = input_ids == self.cfg.image_token_id                       # (B, T)
+        n_slots = int(is_image.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_slots != n_images * self.cfg.image_tokens:
+            per_row = is_image.sum(1).tolist()
+            raise ValueError(
+                f"image tokens do not match images{f' in {where}' if where else ''}: the text has {per_row} "
+                f"image-pad tokens per row ({n_slots} in all) but {n_images} image(s) x {self.cfg.image_tokens} "
+                f"tokens each = {n_images * self.cfg.image_tokens} (one <image> tag per image, never truncated)")
+        if n_images:
+            feats = self.image_features(pixel_values).to(x.dtype)             # (N_img, image_tokens, C)
+            # Images fill the slots in reading order: row by row, left to right, as the tags appear.
+            x = x.masked_scatter(is_image[..., None], feats.reshape(-1, x.shape[-1]))
+        return x
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, where=None):
+        """Returns {"loss", "n_tokens"} with labels (loss averaged over the labelled tokens), else {"logits"}."""
+        x = self.embed(input_ids, pixel_values, where)
+        h = self.lm.hidden_states(inputs_embeds=x, attention_mask=attention_mask)     # (B, T, C)
+        if labels is None:
+            return {"logits": self.lm.logits(h)}
+        # Position t predicts token t+1: score only positions whose next token is labelled.
+        targets = labels[:, 1:]                                                        # (B, T-1)
+        keep = targets != -100
+        logits = self.lm.logits(h[:, :-1][keep])                                       # (N, vocab)
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        n = keep.sum()
+        return {"loss": loss / n.clamp(min=1), "n_tokens": n}
+
+    # ---- generation ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts, pixel_values=None, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
+                 repetition_penalty=1.0, generator=None, on_token=None):
+        """Sample continuations of a batch of prompts together, with a KV cache.
+
+        prompts: list of token-id lists (lengths may differ; images as image-pad tokens, in order across the
+        batch matching pixel_values). temperature 0 = greedy. Stops a row at any of cfg.stop_token_ids
+        (the stop token is not returned). on_token(row, token_id) is called as tokens are chosen (streaming).
+        Returns a list of new-token lists.
+        """
+        device = self.lm.embed_tokens.weight.device
+        B, T = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, T), self.cfg.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):            # right padding: the cache keeps each row's length
+            ids[b, :len(p)] = torch.tensor(p, device=device)
+            mask[b, :len(p)] = True
+        lm = self.lm.cfg
+        cache = KVCache(lm.num_hidden_layers, B, T + max_new_tokens, lm.num_key_value_heads, lm.head_dim,
+                        dtype=self.lm.embed_tokens.weight.dtype, device=device)
+        x = self.embed(ids, pixel_values)
+        h = self.lm.hidden_states(inputs_embeds=x, attention_mask=mask, cache=cache)           # (B, T, C)
+        logits = self.lm.logits(h[torch.arange(B, device=device), mask.sum(1) - 1])          # (B, vocab)
+        seen = ids.masked_fill(~mask, -1)                     # tokens for the repetition penalty
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stops = torch.tensor(self.cfg.stop_token_ids, device=device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)  # (B,)
+            done |= torch.isin(nxt, stops)
+            for b in (~done).nonzero().flatten().tolist():
+                out[b].append(int(nxt[b]))
+                if on_token is not None:
+                    on_token(b, int(nxt[b]))
+            if done.all():
+                break
+            seen = torch.cat([seen, nxt[:, None]], 1)
+            nxt = nxt.masked_fill(done, self.cfg.pad_token_id)  # finished rows run along, their output ignored
+            logits = self.lm(nxt[:, None], cache=cache)[:, -1]
+        return out
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+
+    def save_pretrained(self, out_dir):
+        """config.json + model.safetensors (our parameter names). For atomic training checkpoints with the
+        optimizer state, see train_utils.save_checkpoint, which calls this into a temporary directory."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, dtype=None, attn_backend=None):
+        ckpt_dir = Path(ckpt_dir)
+        cfg = read_config(ckpt_dir)
+        if cfg.get("model_type") != "vlm":
+            raise ValueError(f"{ckpt_dir}/config.json has model_type {cfg.get('model_type')!r}, not 'vlm'")
+        cfg = VLMConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+        if attn_backend:
+            cfg.lm.attn_backend = cfg.vision.attn_backend = attn_backend
+        with torch.device("meta"):
+            model = cls(cfg)
+        path = ckpt_dir / "model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing")
+        try:
+            tensors = load_file(path)
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+        names = {k: k for k in model.state_dict()}
+        return load_mapped(model, tensors, names, path, dtype=config_dtype(dtype) or torch.float32).eval()
+
+
+def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seen=None, generator=None):
+    """Pick one token per row from logits (B, vocab): greedy when temperature == 0, else sample from the
+    softmax at that temperature restricted to the top_k tokens and to the smallest set holding top_p of the
+    probability (nucleus). repetition_penalty > 1 makes tokens already in `seen` (B, S; -1 = none) less likely."""
+    logits = logits.float()
+    if repetition_penalty != 1.0 and seen is not None:
+        hits = torch.zeros_like(logits).scatter_add_(1, seen.clamp(min=0), (seen >= 0).float())  # (B, vocab)
+        # CTRL's rule: shrink positive logits, grow negative ones, so a seen token always loses probability.
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(hits > 0, penalised, logits)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p   # keep a token if the mass before it is < top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)

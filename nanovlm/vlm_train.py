@@ -1,0 +1,283 @@
+"""The VLM training loop shared by train_pretrain.py (stage 1) and train_sft.py (stage 2).
+
+The two stages run the same loop (masked next-token cross-entropy on the assistant's answers) and differ in
+their data and in which parts learn, so a stage is a column of defaults in PRESETS and the scripts stay short:
+
+    stage 1, pretrain: image-caption pairs; with pretrained backbones only the projector learns, so the LM
+                       learns to read the image features without forgetting how to write;
+    stage 2, sft:      instruction data; the projector and the LM learn, the vision tower stays frozen.
+
+Presets:
+    tiny                  (default) everything from scratch on the synthetic dataset (generated on first use),
+                          with a byte-level BPE trained on it: runs on a laptop CPU in minutes. Nothing is
+                          pretrained, so every part learns in both stages.
+    qwen2.5-0.5b-siglip   Qwen/Qwen2.5-0.5B-Instruct + google/siglip-base-patch16-224 from the hub (or local
+                          directories via --lm / --vision); --data is required.
+Every preset value is a flag default and can be overridden.
+"""
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanovlm import train_utils as tu
+from nanovlm.data import VLMDataset, collate, load_data
+from nanovlm.projector import ProjectorConfig
+from nanovlm.qwen2 import Qwen2Config
+from nanovlm.siglip import SiglipConfig
+from nanovlm.tokenizer import DEFAULT_SYSTEM, Tokenizer
+from nanovlm.vlm import VLM, VLMConfig
+from nanovlm.weights import resolve_checkpoint
+
+SYNTHETIC = "data/synthetic"
+PRESETS = {
+    "tiny": {
+        "common": dict(data_dir=SYNTHETIC, image_size=64, max_length=96, batch_size=32, grad_accum=1,
+                       warmup_steps=50, weight_decay=0.01, eval_every=250, save_every=500, system=None),
+        "pretrain": dict(data="{data_dir}/captions_train.json", val_data="{data_dir}/captions_val.json",
+                         max_steps=1000, lr_vision=2e-3, lr_projector=2e-3, lr_lm=2e-3, out_dir="out/pretrain"),
+        "sft": dict(data="{data_dir}/sft_train.json", val_data="{data_dir}/sft_val.json",
+                    max_steps=2000, lr_vision=2e-3, lr_projector=2e-3, lr_lm=2e-3, out_dir="out/sft"),
+    },
+    "qwen2.5-0.5b-siglip": {
+        "common": dict(lm="Qwen/Qwen2.5-0.5B-Instruct", vision="google/siglip-base-patch16-224", image_size=224,
+                       max_length=1024, batch_size=8, grad_accum=4, warmup_steps=100, weight_decay=0.0,
+                       eval_every=500, save_every=1000, system=DEFAULT_SYSTEM),
+        "pretrain": dict(max_steps=5000, lr_vision=0.0, lr_projector=1e-3, lr_lm=0.0, out_dir="out/pretrain"),
+        "sft": dict(max_steps=5000, lr_vision=0.0, lr_projector=1e-4, lr_lm=2e-5, out_dir="out/sft"),
+    },
+}
+# The tiny model: ~2M parameters; 64x64 images, 8x8 patches -> 64 patches -> pixel shuffle 2 -> 16 tokens.
+TINY_LM = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True)
+TINY_VISION = dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                   num_attention_heads=4)
+TINY_VOCAB = 1024
+
+
+def build_parser(doc, stage):
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", default="tiny", choices=sorted(PRESETS), help="defaults for every flag left unset")
+    a("--out-dir", help="checkpoint, metrics.jsonl and plots go here")
+    a("--init-from", help="start from this VLM checkpoint directory (weights only)")
+    a("--resume", action="store_true", help="continue the run in --out-dir exactly where its checkpoint stopped")
+    a("--lm", help="LM checkpoint dir or hub id (pretrained presets)")
+    a("--vision", help="vision checkpoint dir or hub id (pretrained presets)")
+    a("--data", nargs="+", help="training data: PATH[:WEIGHT] ... (JSON/JSONL; LLaVA, role/content or OCR records)")
+    a("--val-data", help="validation data file")
+    a("--image-root", help="image paths in the data are relative to this (default: each data file's folder)")
+    a("--data-dir", help="where the tiny preset writes its synthetic dataset")
+    a("--max-steps", type=int)
+    a("--batch-size", type=int, help="samples per micro-batch per process")
+    a("--grad-accum", type=int, help="micro-batches per optimizer step")
+    a("--max-length", type=int, help="longest sample in tokens; longer ones are an error (see --drop-long)")
+    a("--drop-long", action="store_true", help="drop (and count) samples longer than --max-length")
+    a("--image-size", type=int)
+    a("--lr-vision", type=float, help="0 freezes the vision tower")
+    a("--lr-projector", type=float, help="0 freezes the projector")
+    a("--lr-lm", type=float, help="0 freezes the language model")
+    a("--freeze", nargs="*", default=[], choices=["vision", "projector", "lm"], help="freeze these parts")
+    a("--weight-decay", type=float)
+    a("--warmup-steps", type=int)
+    a("--grad-clip", type=float, default=1.0)
+    a("--eval-every", type=int)
+    a("--eval-samples", type=int, default=256, help="validation samples for the loss")
+    a("--save-every", type=int)
+    a("--system", help="system prompt (preset default); 'none' for no system turn")
+    a("--device", default="auto", help="auto, cpu, cuda")
+    a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on GPU)")
+    a("--num-workers", type=int, default=-1, help="DataLoader workers (-1: 0 on CPU, 4 on GPU)")
+    a("--seed", type=int, default=0)
+    p.set_defaults(stage=stage)
+    return p
+
+
+def resolve_args(args):
+    """Fill every flag left unset from the preset (common values, then the stage's)."""
+    preset = PRESETS[args.preset]
+    for key, value in {**preset["common"], **preset[args.stage]}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.data_dir:  # the synthetic dataset's files live wherever --data-dir puts them
+        args.data = [d.format(data_dir=args.data_dir) for d in ([args.data] if isinstance(args.data, str) else args.data or [])] or None
+        args.val_data = args.val_data and args.val_data.format(data_dir=args.data_dir)
+    if args.system == "none":
+        args.system = None
+    for part in args.freeze:
+        setattr(args, f"lr_{part}", 0.0)
+    if args.data is None:
+        raise SystemExit(f"--data is required with --preset {args.preset} (e.g. --data llava.json --image-root images/)")
+    return args
+
+
+# ---- model and tokenizer --------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer(data_dir):
+    """A byte-level BPE trained on the synthetic corpus once and kept beside it."""
+    from nanovlm.tokenizer import train_tiny_tokenizer
+    path = Path(data_dir) / "tokenizer.json"
+    if path.exists():
+        return Tokenizer.from_file(path)
+    texts = []
+    for name in ("captions_train.json", "sft_train.json"):
+        for r in json.loads((Path(data_dir) / name).read_text()):
+            texts += [t["value"].replace("<image>", "") for t in r["conversations"]]
+    for line in (Path(data_dir) / "ocr_train.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        texts += [r["query"], r["response"]]
+    tok = train_tiny_tokenizer(texts, TINY_VOCAB)
+    tok.save(data_dir)
+    return tok
+
+
+def build_model(args, dist):
+    """(model, tokenizer) for the run: from --init-from, pretrained backbones, or the tiny preset from scratch."""
+    if args.init_from:
+        ckpt = tu.checkpoint_dir(args.init_from)
+        return VLM.from_pretrained(ckpt), Tokenizer.from_dir(ckpt)
+    if args.preset == "tiny":
+        if dist.is_main:
+            from nanovlm.synthetic import ensure_synthetic
+            ensure_synthetic(args.data_dir, image_size=args.image_size)
+            tiny_tokenizer(args.data_dir)
+        tu.barrier()
+        tok = tiny_tokenizer(args.data_dir)
+        vision = dict(TINY_VISION, image_size=args.image_size)
+        cfg = VLMConfig(lm=Qwen2Config(vocab_size=len(tok), **TINY_LM), vision=SiglipConfig(**vision),
+                        projector=ProjectorConfig(shuffle_factor=2), image_token_id=tok.image_pad,
+                        stop_token_ids=(tok.im_end, tok.endoftext), pad_token_id=tok.endoftext)
+        torch.manual_seed(args.seed)
+        return VLM(cfg), tok
+    tok = Tokenizer.from_dir(resolve_checkpoint(args.lm))
+    model = VLM.from_backbones(args.lm, args.vision, ProjectorConfig(shuffle_factor=2),
+                               image_token_id=tok.image_pad, stop_token_ids=(tok.im_end, tok.endoftext),
+                               pad_token_id=tok.endoftext)
+    if model.cfg.vision.image_size != args.image_size:
+        model.cfg.vision.image_size = args.image_size   # positions are interpolated to the new grid
+    if tok.num >= model.cfg.lm.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the LM only {model.cfg.lm.vocab_size} embeddings")
+    return model.float(), tok
+
+
+# ---- the loop -------------------------------------------------------------------------------------------------
+
+
+def batches(dataset, args, dist, start_step, pad_id):
+    """A DataLoader whose batch order is train_utils.batch_indices: exact on resume, DDP == accumulation."""
+    def order():
+        for step in range(start_step, args.max_steps):
+            for micro in range(args.grad_accum):
+                yield tu.batch_indices(step, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
+                                       len(dataset), args.seed)
+    workers = args.num_workers if args.num_workers >= 0 else (4 if "cuda" in str(dist.device) else 0)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=list(order()), num_workers=workers,
+                                       collate_fn=lambda b: collate(b, pad_id), pin_memory="cuda" in str(dist.device))
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(model, dataset, args, dist, pad_id, ctx):
+    model.eval()
+    total, count = 0.0, 0
+    n = min(len(dataset), args.eval_samples)
+    for i in range(dist.rank * args.batch_size, n, args.batch_size * dist.world_size):
+        b = to_device(collate([dataset[j] for j in range(i, min(i + args.batch_size, n))], pad_id), dist.device)
+        with ctx:
+            out = tu.unwrap(model)(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"], b["where"])
+        total += float(out["loss"]) * int(out["n_tokens"])
+        count += int(out["n_tokens"])
+    stats = torch.tensor([total, count], dtype=torch.float64, device=dist.device)
+    if dist.ddp:
+        torch.distributed.all_reduce(stats)
+    model.train()
+    return float(stats[0] / stats[1].clamp(min=1))
+
+
+def train(args):
+    args = resolve_args(args)
+    dist = tu.setup_distributed(args.device)
+    torch.manual_seed(args.seed + dist.rank)
+    out_dir = Path(args.out_dir)
+    model, tok = build_model(args, dist)
+    model.to(dist.device)
+    image_tokens = model.cfg.image_tokens
+    system = args.system
+    train_set = VLMDataset(load_data(args.data, args.image_root, seed=args.seed), tok, args.image_size,
+                           image_tokens, args.max_length, args.drop_long, system=system)
+    val_set = (VLMDataset(load_data(args.val_data, args.image_root), tok, args.image_size, image_tokens,
+                          args.max_length, args.drop_long, system=system) if args.val_data else None)
+
+    opt = tu.make_optimizer([("vision", model.vision.parameters(), args.lr_vision),
+                             ("projector", model.projector.parameters(), args.lr_projector),
+                             ("lm", model.lm.parameters(), args.lr_lm)], weight_decay=args.weight_decay)
+    start_step = 0
+    if args.resume:
+        start_step = tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)["step"]
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops_tok = tu.flops_per_token(n_train, model.cfg.lm.num_hidden_layers, args.max_length, model.cfg.lm.hidden_size)
+    if dist.ddp:  # samples without images leave the vision tower unused in that micro-batch
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.lr_vision > 0)
+    ctx = tu.autocast_context(dist.device, args.dtype)
+    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
+    if dist.is_main:
+        print(f"{args.stage}: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
+              f"{len(train_set)} samples, {image_tokens} tokens per image, {dist.world_size} process(es)")
+
+    def save(step):
+        config = tu.unwrap(model).cfg.to_dict()
+        rngs = tu.gather_rng_states()
+        if dist.is_main:
+            tu.save_checkpoint(out_dir, model, config, optimizer=opt, step=step, rng_states=rngs,
+                               files={"tokenizer.json": tok.tok.to_str(), "args.json": json.dumps(vars(args), indent=2)})
+        tu.barrier()
+
+    loader = iter(batches(train_set, args, dist, start_step, tok.endoftext))
+    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+               disable=not dist.is_main, desc=args.stage)
+    model.train()
+    t0, tokens = time.time(), 0
+    for step in bar:
+        lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps)
+        loss_sum = 0.0
+        for micro in range(args.grad_accum):
+            b = to_device(next(loader), dist.device)
+            with tu.sync_context(model, micro == args.grad_accum - 1), ctx:
+                out = model(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"], b["where"])
+                loss = out["loss"] / args.grad_accum
+            loss.backward()
+            loss_sum += float(loss)
+            tokens += int(b["attention_mask"].sum())
+        tu.check_finite(loss_sum, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dist.is_main and (step % 10 == 0 or step == args.max_steps - 1):
+            dt = time.time() - t0
+            tok_s = tokens * dist.world_size / max(dt, 1e-9)
+            mfu = tu.mfu(tok_s / dist.world_size, flops_tok, dist.device)
+            log.log(step, loss=loss_sum, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
+                    **({"mfu": mfu} if mfu is not None else {}))
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
+            t0, tokens = time.time(), 0
+        last = step == args.max_steps - 1
+        if val_set is not None and ((step + 1) % args.eval_every == 0 or last):
+            val = evaluate_loss(model, val_set, args, dist, tok.endoftext, ctx)
+            log.log(step, val_loss=val)
+            if dist.is_main:
+                tqdm.write(f"step {step + 1}: val loss {val:.4f}")
+        if (step + 1) % args.save_every == 0 or last:
+            save(step + 1)
+            log.plot(["loss", "val_loss"], "loss.png", title=f"{args.stage} loss", logy=True)
+    tu.cleanup_distributed()
+    return tu.unwrap(model), tok, args

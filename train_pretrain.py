@@ -1,0 +1,29 @@
+"""Stage 1: align the vision features with the language model on image-caption pairs.
+
+With pretrained backbones only the projector learns (the LM and ViT stay frozen), so the LM learns to read
+image features without forgetting how to write. The tiny preset trains from scratch, so everything learns.
+
+Offline, on the embedded default (tiny model, synthetic captions generated on first use, CPU):
+    python train_pretrain.py
+    python train_sft.py --init-from out/pretrain
+
+Real weights (GPUs; LLaVA-CC3M-Pretrain-595K: chat.json + images/):
+    torchrun --standalone --nproc_per_node=8 train_pretrain.py --preset qwen2.5-0.5b-siglip \
+        --data chat.json --image-root images/ --out-dir out/pretrain
+
+Resume an interrupted run exactly: add --resume (same flags, same --out-dir).
+Every flag: python train_pretrain.py --help
+"""
+
+import sys
+
+from nanovlm.vlm_train import build_parser, train
+
+
+def main(argv=None):
+    args = build_parser(__doc__, stage="pretrain").parse_args(argv)
+    train(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
