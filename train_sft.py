@@ -30,8 +30,7 @@ def main(argv=None):
         if dist.is_initialized() and dist.get_rank() != 0:
             return
         samples = load_data(args.val_data, args.image_root)
-        report = evaluate_answers(model, tok, samples, args.image_size, system=args.system,
-                                  limit=args.eval_answers, show=5)
+        report = evaluate_answers(model, tok, samples, limit=args.eval_answers, show=5)
         print(f"\nheld-out answers ({args.val_data}):\n{format_report(report)}")
         print(f"\ncheckpoint: {args.out_dir}   try: python sample.py --ckpt {args.out_dir} --image IMAGE --prompt TEXT")
 

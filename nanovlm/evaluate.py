@@ -1,6 +1,6 @@
 """Answer accuracy of a VLM on a dataset: generate each sample's last answer and compare it to the reference.
 
-    report = evaluate_answers(model, tokenizer, samples, image_size=64, system=None)
+    report = evaluate_answers(model, tokenizer, samples)
     print(format_report(report))
 
 Used by train_sft.py at the end of training and by `python sample.py --ckpt DIR --eval FILE`. Two scores per
@@ -19,10 +19,11 @@ from nanovlm.rewards import text_accuracy
 
 
 @torch.no_grad()
-def evaluate_answers(model, tokenizer, samples, image_size, system=None, batch_size=32, max_new_tokens=32,
-                     limit=None, show=0):
-    """Greedy answers to every sample's final assistant turn. Returns {qtype: {"n", "exact", "text"}} + "all"."""
+def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32, limit=None, show=0):
+    """Greedy answers to every sample's final assistant turn, with the chat template and image size the model
+    was trained with (model.cfg). Returns {qtype: {"n", "exact", "text"}} plus "all"."""
     model.eval()
+    image_size, system = model.cfg.image_size, model.cfg.system_prompt
     device = next(model.parameters()).device
     samples = samples[:limit] if limit else samples
     scores = defaultdict(lambda: {"n": 0, "exact": 0.0, "text": 0.0})

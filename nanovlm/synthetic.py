@@ -10,7 +10,8 @@ Everything is written in the formats people already use, so the real loaders in 
       images/{train,val}/000123.png        scenes: 1-4 shapes on a 3x3 grid, or a short word
       images/{train,val}/ocr_000123.png    OCR: digits, ¥/$ amounts, capital letters
       captions_{train,val}.json            LLaVA format  {"id", "image", "conversations": [{"from", "value"}]}
-      sft_{train,val}.json                 LLaVA format + "qtype": colour|shape|count|position|text
+      sft_{train,val}.json                 LLaVA format + "qtype" (of the first question): colour|shape|count|
+                                           position|text; training scenes carry up to 4 questions each
       ocr_{train,val}.jsonl                {"query", "response", "image_path", "qtype"}
       scenes_{train,val}.jsonl             what was drawn (for tests and error analysis)
       DONE.json                            written last, holds the parameters: a finished dataset
@@ -42,6 +43,7 @@ CAPTION_PROMPTS = ["Describe the image.", "What is in this picture?", "Give a sh
                    "Describe what you see."]
 BACKGROUND = (255, 255, 255)
 TEXT_FRACTION = 0.2   # share of scenes that show a word instead of shapes
+TRAIN_TURNS = 4       # questions per training conversation about a shapes scene (validation: 1)
 
 
 @lru_cache(maxsize=None)
@@ -159,9 +161,12 @@ def random_ocr_string(rng):
     return kind, random_word(rng, 3, 5)
 
 
-def llava(id, image, question, answer, **extra):
-    return {"id": id, "image": image, "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                                        {"from": "gpt", "value": answer}], **extra}
+def llava(id, image, question, answer, *more, **extra):
+    """One LLaVA record; `more` adds further (question, answer) turns about the same image."""
+    turns = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+    for q, a in more:
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return {"id": id, "image": image, "conversations": turns, **extra}
 
 
 def generate_split(out_dir, split, n, seed, image_size):
@@ -182,7 +187,15 @@ def generate_split(out_dir, split, n, seed, image_size):
             scenes.append({"image": image, "text": None, "objects": objects})
             captions.append(llava(f"{split}-{i}", image, rng.choice(CAPTION_PROMPTS), caption(objects)))
             qtype, q, a = question(rng, objects)
-            sft.append(llava(f"{split}-{i}", image, q, a, qtype=qtype))
+            # Training conversations ask several questions about one image: the image costs far more compute
+            # than a one-word answer, so more answers per image is more learning per step. Validation keeps
+            # one question per sample, so accuracy per question type is simple to read.
+            more = []
+            for _ in range(TRAIN_TURNS - 1 if split == "train" else 0):
+                _, q2, a2 = question(rng, objects)
+                if q2 != q and all(q2 != m[0] for m in more):
+                    more.append((q2, a2))
+            sft.append(llava(f"{split}-{i}", image, q, a, *more, qtype=qtype))
         img.save(os.path.join(out_dir, image))
         # an OCR sample per scene, on its own image
         kind, text = random_ocr_string(rng)

@@ -39,19 +39,22 @@ class VLMConfig:
     image_token_id: int = 151655       # <|image_pad|> in Qwen2.5's vocabulary
     stop_token_ids: tuple = (151645, 151643)  # <|im_end|>, <|endoftext|>
     pad_token_id: int = 151643
+    image_size: int = 0                # input resolution; 0: the vision tower's own (positions interpolate)
+    system_prompt: str = None          # the chat template's system turn the model was trained with (None: none)
 
     def __post_init__(self):  # accept plain dicts (as read back from config.json)
         for name, cls in (("lm", Qwen2Config), ("vision", SiglipConfig), ("projector", ProjectorConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
         self.stop_token_ids = tuple(self.stop_token_ids)
+        self.image_size = self.image_size or self.vision.image_size
         self.projector.vision_hidden = self.vision.hidden_size
         self.projector.lm_hidden = self.lm.hidden_size
 
     @property
     def image_tokens(self):
         """Tokens one image becomes in the LM sequence (196 patches / 2^2 = 49 for SigLIP-224)."""
-        return self.vision.num_patches // self.projector.shuffle_factor ** 2
+        return (self.image_size // self.vision.patch_size) ** 2 // self.projector.shuffle_factor ** 2
 
     def to_dict(self):
         return {"model_type": "vlm", **asdict(self)}

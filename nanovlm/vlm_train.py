@@ -37,12 +37,12 @@ from nanovlm.weights import resolve_checkpoint
 SYNTHETIC = "data/synthetic"
 PRESETS = {
     "tiny": {
-        "common": dict(data_dir=SYNTHETIC, image_size=64, max_length=96, batch_size=32, grad_accum=1,
-                       warmup_steps=50, weight_decay=0.01, eval_every=250, save_every=500, system=None),
+        "common": dict(data_dir=SYNTHETIC, n_synthetic=20000, image_size=64, max_length=160, batch_size=32,
+                       grad_accum=1, warmup_steps=50, weight_decay=0.01, eval_every=250, save_every=500, system=None),
         "pretrain": dict(data="{data_dir}/captions_train.json", val_data="{data_dir}/captions_val.json",
                          max_steps=1000, lr_vision=2e-3, lr_projector=2e-3, lr_lm=2e-3, out_dir="out/pretrain"),
         "sft": dict(data="{data_dir}/sft_train.json", val_data="{data_dir}/sft_val.json",
-                    max_steps=2000, lr_vision=2e-3, lr_projector=2e-3, lr_lm=2e-3, out_dir="out/sft"),
+                    max_steps=1500, lr_vision=2e-3, lr_projector=2e-3, lr_lm=2e-3, out_dir="out/sft"),
     },
     "qwen2.5-0.5b-siglip": {
         "common": dict(lm="Qwen/Qwen2.5-0.5B-Instruct", vision="google/siglip-base-patch16-224", image_size=224,
@@ -73,6 +73,7 @@ def build_parser(doc, stage):
     a("--val-data", help="validation data file")
     a("--image-root", help="image paths in the data are relative to this (default: each data file's folder)")
     a("--data-dir", help="where the tiny preset writes its synthetic dataset")
+    a("--n-synthetic", type=int, help="training images of the synthetic dataset (validation: 1/20 of it)")
     a("--max-steps", type=int)
     a("--batch-size", type=int, help="samples per micro-batch per process")
     a("--grad-accum", type=int, help="micro-batches per optimizer step")
@@ -94,6 +95,7 @@ def build_parser(doc, stage):
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on GPU)")
     a("--num-workers", type=int, default=-1, help="DataLoader workers (-1: 0 on CPU, 4 on GPU)")
     a("--seed", type=int, default=0)
+    a("--stop-at-step", type=int, help="stop after this step with a checkpoint, as if interrupted (tests --resume)")
     p.set_defaults(stage=stage)
     return p
 
@@ -145,7 +147,8 @@ def build_model(args, dist):
     if args.preset == "tiny":
         if dist.is_main:
             from nanovlm.synthetic import ensure_synthetic
-            ensure_synthetic(args.data_dir, image_size=args.image_size)
+            ensure_synthetic(args.data_dir, n_train=args.n_synthetic, n_val=max(50, args.n_synthetic // 20),
+                             image_size=args.image_size)
             tiny_tokenizer(args.data_dir)
         tu.barrier()
         tok = tiny_tokenizer(args.data_dir)
@@ -158,9 +161,7 @@ def build_model(args, dist):
     tok = Tokenizer.from_dir(resolve_checkpoint(args.lm))
     model = VLM.from_backbones(args.lm, args.vision, ProjectorConfig(shuffle_factor=2),
                                image_token_id=tok.image_pad, stop_token_ids=(tok.im_end, tok.endoftext),
-                               pad_token_id=tok.endoftext)
-    if model.cfg.vision.image_size != args.image_size:
-        model.cfg.vision.image_size = args.image_size   # positions are interpolated to the new grid
+                               pad_token_id=tok.endoftext, image_size=args.image_size)
     if tok.num >= model.cfg.lm.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} tokens but the LM only {model.cfg.lm.vocab_size} embeddings")
     return model.float(), tok
@@ -210,11 +211,11 @@ def train(args):
     out_dir = Path(args.out_dir)
     model, tok = build_model(args, dist)
     model.to(dist.device)
-    image_tokens = model.cfg.image_tokens
-    system = args.system
-    train_set = VLMDataset(load_data(args.data, args.image_root, seed=args.seed), tok, args.image_size,
+    model.cfg.system_prompt = system = args.system   # saved with the checkpoint: sampling uses the same template
+    image_size, image_tokens = model.cfg.image_size, model.cfg.image_tokens
+    train_set = VLMDataset(load_data(args.data, args.image_root, seed=args.seed), tok, image_size,
                            image_tokens, args.max_length, args.drop_long, system=system)
-    val_set = (VLMDataset(load_data(args.val_data, args.image_root), tok, args.image_size, image_tokens,
+    val_set = (VLMDataset(load_data(args.val_data, args.image_root), tok, image_size, image_tokens,
                           args.max_length, args.drop_long, system=system) if args.val_data else None)
 
     opt = tu.make_optimizer([("vision", model.vision.parameters(), args.lr_vision),
@@ -256,7 +257,7 @@ def train(args):
                 out = model(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"], b["where"])
                 loss = out["loss"] / args.grad_accum
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             tokens += int(b["attention_mask"].sum())
         tu.check_finite(loss_sum, step)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
@@ -270,7 +271,7 @@ def train(args):
                     **({"mfu": mfu} if mfu is not None else {}))
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
             t0, tokens = time.time(), 0
-        last = step == args.max_steps - 1
+        last = step == args.max_steps - 1 or step + 1 == args.stop_at_step
         if val_set is not None and ((step + 1) % args.eval_every == 0 or last):
             val = evaluate_loss(model, val_set, args, dist, tok.endoftext, ctx)
             log.log(step, val_loss=val)
@@ -279,5 +280,7 @@ def train(args):
         if (step + 1) % args.save_every == 0 or last:
             save(step + 1)
             log.plot(["loss", "val_loss"], "loss.png", title=f"{args.stage} loss", logy=True)
+        if step + 1 == args.stop_at_step:
+            break
     tu.cleanup_distributed()
     return tu.unwrap(model), tok, args

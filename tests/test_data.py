@@ -241,8 +241,9 @@ def test_synthetic_answers_match_drawing(syn):
     assert len(sft) == 60 and {x["qtype"] for x in sft} >= {"colour", "shape", "count", "text"}
     for x in sft:
         rel = os.path.relpath(x["images"][0], syn)
-        q = x["messages"][0]["content"].removeprefix("<image>\n")
-        assert x["messages"][1]["content"] == expected_answer(q, scenes[rel]), x["where"]
+        for user, answer in zip(x["messages"][::2], x["messages"][1::2]):   # every turn of the conversation
+            q = user["content"].removeprefix("<image>\n")
+            assert answer["content"] == expected_answer(q, scenes[rel]), x["where"]
         pixels = np.asarray(Image.open(x["images"][0]))
         assert pixels.shape == (64, 64, 3)
         for o in scenes[rel]["objects"]:   # the drawn colour really is at the recorded centre
@@ -250,6 +251,8 @@ def test_synthetic_answers_match_drawing(syn):
             assert tuple(pixels[cy, cx]) == synthetic.COLOURS[o["colour"]]
         if scenes[rel]["text"]:
             assert (pixels < 100).any()   # some dark (text) pixels
+    assert max(len(x["messages"]) for x in sft) == 2 * synthetic.TRAIN_TURNS     # several questions per image
+    assert all(len(x["messages"]) == 2 for x in load_dataset(os.path.join(syn, "sft_val.json")))
     captions = load_dataset(os.path.join(syn, "captions_val.json"))
     assert len(captions) == 10 and all(len(c["images"]) == 1 for c in captions)
     ocr = load_dataset(os.path.join(syn, "ocr_train.jsonl"))

@@ -1,0 +1,103 @@
+"""train_pretrain.py / train_sft.py end to end on CPU: DDP == gradient accumulation, exact resume, and the
+real-weights preset pointed at tiny checkpoints saved in the official layout."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, randomize
+
+FAST = ["--n-synthetic", "40", "--batch-size", "2", "--eval-every", "1000", "--save-every", "1000",
+        "--warmup-steps", "1", "--device", "cpu"]
+
+
+def run(args, nproc=1):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    p = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"{' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p.stdout
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+def weights(out_dir):
+    return load_file(os.path.join(out_dir, "model.safetensors"))
+
+
+def max_rel_diff(a, b):
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in a)
+
+
+@pytest.mark.slow
+def test_ddp_equals_gradient_accumulation(tmp_path, data_dir):
+    common = ["train_sft.py", "--data-dir", data_dir, *FAST, "--max-steps", "3", "--eval-answers", "0"]
+    run(common + ["--grad-accum", "2", "--out-dir", str(tmp_path / "accum")])
+    run(common + ["--grad-accum", "1", "--out-dir", str(tmp_path / "ddp")], nproc=2)
+    a, b = weights(tmp_path / "accum"), weights(tmp_path / "ddp")
+    assert a.keys() == b.keys()
+    assert max_rel_diff(a, b) <= 1e-5
+    run(common[:-4] + ["--max-steps", "1", "--eval-answers", "0", "--out-dir", str(tmp_path / "one")])
+    assert max_rel_diff(a, weights(tmp_path / "one")) > 1e-3   # the steps did move the weights
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path, data_dir):
+    common = ["train_pretrain.py", "--data-dir", data_dir, *FAST, "--max-steps", "4"]
+    run(common + ["--out-dir", str(tmp_path / "straight")])
+    run(common + ["--out-dir", str(tmp_path / "resumed"), "--stop-at-step", "2"])
+    interrupted = weights(tmp_path / "resumed")
+    run(common + ["--out-dir", str(tmp_path / "resumed"), "--resume"])
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert max_rel_diff(a, b) == 0.0
+    assert max_rel_diff(interrupted, b) > 0
+    steps = [line for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert steps, "metrics.jsonl is written"
+
+
+@pytest.mark.slow
+def test_real_weights_preset_on_official_layout(tmp_path, data_dir):
+    """--preset qwen2.5-0.5b-siglip with --lm/--vision pointing at tiny official-format checkpoints: stage 1
+    trains only the projector, stage 2 (--init-from) the LM and projector, never the vision tower."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from nanovlm.synthetic import ensure_synthetic
+    from nanovlm.tokenizer import train_tiny_tokenizer
+    from nanovlm.vlm import VLM
+    ensure_synthetic(data_dir, n_train=40, n_val=50, image_size=64)
+    tok = train_tiny_tokenizer(["a red circle in the top left", "What colour is the shape?"], vocab_size=300)
+    lm_dir, vis_dir = tmp_path / "qwen", tmp_path / "siglip"
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      rope_theta=1e6, tie_word_embeddings=True))
+    randomize(lm, std=0.05).save_pretrained(lm_dir)
+    tok.save(str(lm_dir))
+    vis = SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
+                                               num_hidden_layers=1, num_attention_heads=2))
+    randomize(vis, std=0.05).save_pretrained(vis_dir)
+
+    preset = ["--preset", "qwen2.5-0.5b-siglip", "--lm", str(lm_dir), "--vision", str(vis_dir),
+              "--image-size", "32", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "2", "--device", "cpu",
+              "--eval-every", "1000"]
+    run(["train_pretrain.py", *preset, "--data", f"{data_dir}/captions_train.json", "--out-dir", str(tmp_path / "s1")])
+    s1 = VLM.from_pretrained(tmp_path / "s1")
+    assert s1.cfg.image_tokens == 4 and s1.cfg.system_prompt.startswith("You are Qwen")
+    ref_lm = Qwen2ForCausalLM.from_pretrained(lm_dir).state_dict()
+    assert torch.equal(s1.lm.layers[1].mlp.up_proj.weight, ref_lm["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(s1.lm.embed_tokens.weight, ref_lm["model.embed_tokens.weight"])
+    ref_vis = SiglipVisionModel.from_pretrained(vis_dir).state_dict()
+    assert torch.equal(s1.vision.layers[0].fc1.weight, ref_vis["encoder.layers.0.mlp.fc1.weight"])
+
+    run(["train_sft.py", *preset, "--init-from", str(tmp_path / "s1"), "--data", f"{data_dir}/sft_train.json",
+         "--val-data", f"{data_dir}/sft_val.json", "--eval-answers", "4", "--out-dir", str(tmp_path / "s2")])
+    s2 = VLM.from_pretrained(tmp_path / "s2")
+    assert not torch.equal(s2.lm.layers[1].mlp.up_proj.weight, s1.lm.layers[1].mlp.up_proj.weight)
+    assert not torch.equal(s2.projector.fc1.weight, s1.projector.fc1.weight)
+    assert torch.equal(s2.vision.layers[0].fc1.weight, s1.vision.layers[0].fc1.weight)

@@ -1,0 +1,129 @@
+"""The VLM: projector reshapes, image splicing, the masked loss, generation with the KV cache, sampling rules."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovlm.projector import ProjectorConfig, pixel_shuffle
+from nanovlm.qwen2 import Qwen2Config
+from nanovlm.siglip import SiglipConfig
+from nanovlm.vlm import VLM, VLMConfig, sample_next
+
+IMG = 5  # image-pad id in these tests
+
+
+def tiny_vlm(seed=0):
+    torch.manual_seed(seed)
+    cfg = VLMConfig(lm=Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2),
+                    vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
+                                        num_hidden_layers=2, num_attention_heads=4),
+                    projector=ProjectorConfig(shuffle_factor=2), image_token_id=IMG, stop_token_ids=(3,),
+                    pad_token_id=0)
+    return VLM(cfg).eval()
+
+
+def test_pixel_shuffle_by_hand():
+    # a 4x4 grid of 1-channel patches numbered 0..15 in reading order
+    x = torch.arange(16.0).view(1, 16, 1)
+    y = pixel_shuffle(x, 2)
+    assert y.shape == (1, 4, 4)
+    assert y[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    with pytest.raises(ValueError, match="square grid"):
+        pixel_shuffle(torch.zeros(1, 12, 1), 2)
+
+
+def test_image_tokens_and_splicing():
+    m = tiny_vlm()
+    assert m.cfg.image_tokens == 4          # 32/8 = 4x4 patches -> shuffle 2 -> 2x2
+    ids = torch.tensor([[1, 2, IMG, IMG, IMG, IMG, 7, 0], [1, IMG, IMG, IMG, IMG, 9, IMG, IMG]])
+    ids[1, -2:] = torch.tensor([IMG, IMG])
+    pix = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"\[4, 6\] image-pad tokens per row"):
+        m.embed(ids, pix)                   # 10 slots, 2 images x 4 = 8
+    ids[1, -2:] = torch.tensor([9, 9])
+    x = m.embed(ids, pix)
+    feats = m.projector(m.vision(pix))      # (2, 4, 32)
+    assert torch.equal(x[0, 2:6], feats[0]) and torch.equal(x[1, 1:5], feats[1])
+    text = m.lm.embed_tokens(ids)
+    keep = ids != IMG
+    assert torch.equal(x[keep], text[keep])
+    with pytest.raises(ValueError, match="image tokens do not match images in sample.json:3"):
+        m.embed(ids, pix[:1], where="sample.json:3")
+
+
+def test_loss_is_masked_next_token_cross_entropy():
+    m = tiny_vlm()
+    ids = torch.tensor([[1, IMG, IMG, IMG, IMG, 8, 9, 10, 3], [1, 11, 12, 13, 14, 15, 3, 0, 0]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 6:] = ids[0, 6:]
+    labels[1, 4:7] = ids[1, 4:7]
+    mask = ids != 0
+    mask[1, -2:] = False
+    pix = torch.randn(1, 3, 32, 32)
+    out = m(ids, pix, attention_mask=mask, labels=labels)
+    logits = m(ids, pix, attention_mask=mask)["logits"]
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 48), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out["loss"], want, atol=1e-6)
+    assert int(out["n_tokens"]) == 6
+
+
+def greedy_by_full_forward(m, prompt, pix, n):
+    seq = list(prompt)
+    for _ in range(n):
+        nxt = int(m(torch.tensor([seq]), pix)["logits"][0, -1].argmax())
+        if nxt in m.cfg.stop_token_ids:
+            break
+        seq.append(nxt)
+    return seq[len(prompt):]
+
+
+def test_batched_cached_generation_equals_full_forward():
+    m = tiny_vlm(seed=1)
+    pix = torch.randn(2, 3, 32, 32)
+    prompts = [[1, 2, IMG, IMG, IMG, IMG, 7], [1, 9, 10], [1, IMG, IMG, IMG, IMG, 9, 9, 9, 9, 4, 11]]
+    out = m.generate(prompts, pix, max_new_tokens=6)
+    assert out[0] == greedy_by_full_forward(m, prompts[0], pix[:1], 6)
+    assert out[1] == greedy_by_full_forward(m, prompts[1], None, 6)
+    assert out[2] == greedy_by_full_forward(m, prompts[2], pix[1:], 6)
+    streamed = {0: [], 1: [], 2: []}
+    m.generate(prompts, pix, max_new_tokens=6, on_token=lambda b, t: streamed[b].append(t))
+    assert [streamed[b] for b in range(3)] == out
+
+
+def test_stop_token_ends_a_row():
+    m = tiny_vlm()
+    with torch.no_grad():   # make token 3 (the stop id) the argmax everywhere: nothing is returned
+        m.lm.embed_tokens.weight[3] = 0
+        m.lm.norm.weight.fill_(1.0)
+    logits_bias = torch.zeros(48)
+    logits_bias[3] = 1e4
+    m.lm.logits = lambda h: F.linear(h, m.lm.embed_tokens.weight) + logits_bias
+    assert m.generate([[1, 2], [1, 4, 6]], None, max_new_tokens=5) == [[], []]
+
+
+def test_sample_next_rules_by_hand():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    assert int(sample_next(logits)) == 0                       # greedy
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
+    assert draws == {0, 1}                                     # only the two best
+    p = torch.softmax(logits[0], 0)                            # p0 = .636, p0 + p1 = .870
+    draws = {int(sample_next(logits, 1.0, top_p=0.8, generator=g)) for _ in range(200)}
+    assert draws == {0, 1} and p[0] < 0.8 < p[0] + p[1]        # smallest set with >= 80% of the mass
+    draws = {int(sample_next(logits, 1.0, top_p=0.5, generator=g)) for _ in range(50)}
+    assert draws == {0}
+    # repetition penalty 2 on seen tokens 0 and 4: 3.0 -> 1.5 (positive: divided), -1 -> -2 (negative: multiplied)
+    seen = torch.tensor([[0, 4, -1]])
+    assert int(sample_next(logits, repetition_penalty=2.0, seen=seen)) == 1
+    assert int(sample_next(torch.tensor([[1.6, 3.0, 0.0]]), repetition_penalty=2.0, seen=torch.tensor([[1]]))) == 0
+
+
+def test_save_and_load_round_trip(tmp_path):
+    m = tiny_vlm()
+    m.save_pretrained(tmp_path)
+    again = VLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[1, IMG, IMG, IMG, IMG, 7]])
+    pix = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(ids, pix)["logits"], m(ids, pix)["logits"])
+    assert again.cfg == m.cfg
