@@ -1,0 +1,274 @@
+"""Speed of our models against transformers' at the same config, dtype, weights and machine, in one run.
+
+    python benchmarks/bench_models.py                      # fp32, 4-layer Qwen2.5-0.5B shape, all cores
+    python benchmarks/bench_models.py --layers 24 --dtype bfloat16 --device cuda
+    python benchmarks/bench_models.py --only siglip --vit-batch 32
+    python benchmarks/bench_models.py --help
+
+Three measurements, each ours vs transformers (ratio = our throughput / theirs; > 1 means we are faster):
+  qwen2-train   forward + backward tokens/s: loss = cross-entropy of next-token logits, .backward(), no optimizer
+                (ours: nanovlm.qwen2.Qwen2; theirs: Qwen2ForCausalLM with attn_implementation="sdpa")
+  qwen2-decode  greedy decoding new tokens/s with a KV cache, prefill included
+                (ours: prefill + one token at a time with nanovlm.attention.KVCache;
+                 theirs: generate(do_sample=False, max_new_tokens=N, min_new_tokens=N))
+  siglip        vision tower forward images/s under no_grad (ours: SiglipViT; theirs: SiglipVisionModel)
+
+The Qwen2 model has the Qwen2.5-0.5B shape (hidden 896, 14 heads / 2 kv heads, MLP 4864, vocab 151936, tied
+embeddings, rope_theta 1e6) with --layers layers (default 4, so it runs in minutes on a laptop CPU); SigLIP has
+the siglip-base-patch16-224 shape. Weights are random: transformers builds the model, it is saved with
+save_pretrained and both sides load that directory, so the weights are identical. Before timing, the outputs
+are compared (logits, generated tokens, hidden states) so we know both sides compute the same function.
+
+Timing: warm-up calls first, then --repeats calls of each side, alternating ours/theirs so that drift (thermal,
+other processes) hits both alike; the median is reported. On CUDA the device is synchronised around each call.
+Throughput is by wall clock; the table also gives the ratio of CPU time this process spent per call, which stays
+meaningful when other programs share the machine (wall-clock ratios then get noisy).
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+import transformers  # noqa: E402  (benchmarks compare against it; nanovlm/ never imports it)
+from transformers import Qwen2Config as HFQwen2Config  # noqa: E402
+from transformers import Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel  # noqa: E402
+
+from nanovlm.attention import KVCache  # noqa: E402
+from nanovlm.qwen2 import Qwen2  # noqa: E402
+from nanovlm.siglip import SiglipViT  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+BENCHES = ("qwen2-train", "qwen2-decode", "siglip")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES), help="which benchmarks to run")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter and activation dtype")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each side first")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls of each side (median reported)")
+    p.add_argument("--layers", type=int, default=4, help="Qwen2 decoder layers (Qwen2.5-0.5B has 24)")
+    p.add_argument("--train-batch", type=int, default=1, help="qwen2-train batch size")
+    p.add_argument("--train-seq", type=int, default=256, help="qwen2-train sequence length")
+    p.add_argument("--decode-batch", type=int, default=1, help="qwen2-decode batch size")
+    p.add_argument("--prompt-len", type=int, default=32, help="qwen2-decode prompt length")
+    p.add_argument("--new-tokens", type=int, default=32, help="qwen2-decode tokens generated per row")
+    p.add_argument("--vit-batch", type=int, default=8, help="siglip images per forward")
+    p.add_argument("--vit-layers", type=int, default=12, help="siglip layers (siglip-base has 12)")
+    return p.parse_args(argv)
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(fns, device, warmup, repeats, before=None):
+    """fns: {name: callable}. Calls each `warmup` times, then `repeats` timed rounds (ours, theirs, ours, ...)
+    with the order flipped every round. `before(name)` runs untimed first. Returns {name: (median wall seconds,
+    median CPU seconds of this process)}: CPU time is what the call cost even when other programs share the cores."""
+    names = list(fns)
+    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
+    for r in range(warmup + repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            if before is not None:
+                before(n)
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[n]()
+            sync(device)
+            if r >= warmup:
+                wall[n].append(time.perf_counter() - t0)
+                cpu[n].append(time.process_time() - c0)
+    return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in names}
+
+
+def result(name, unit, work, t):
+    """A table row: throughputs (work / median wall time) and the CPU-time ratio."""
+    (wo, co), (wt, ct) = t["ours"], t["transformers"]
+    return name, unit, work / wo, work / wt, ct / co
+
+
+def randomize_(model, seed, std=0.02):
+    """Every parameter random (biases and norm weights too, so nothing is trivially 0 or 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            centre = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * std + centre)
+    return model
+
+
+def check_close(what, ours, theirs, dtype):
+    """Assert the two outputs agree: 1e-4 (relative to the output scale) in fp32, 2e-2 in bf16."""
+    ours, theirs = ours.float(), theirs.float()
+    diff, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
+    tol = (1e-4 if dtype == torch.float32 else 2e-2) * max(scale, 1.0)
+    print(f"  check {what}: max |ours - transformers| = {diff:.2e} (output scale {scale:.2f}, tolerance {tol:.1e})")
+    assert diff <= tol, f"{what}: ours and transformers disagree by {diff:.3e} > {tol:.1e}; not timing"
+
+
+# ---- Qwen2 -----------------------------------------------------------------------------------------------------
+
+def qwen2_pair(args, tmp, device, dtype):
+    cfg = HFQwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=args.layers,
+                        num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                        max_position_embeddings=32768, tie_word_embeddings=True, attn_implementation="sdpa")
+    randomize_(Qwen2ForCausalLM(cfg), args.seed).save_pretrained(tmp)  # fp32 on disk
+    # Both load the same directory in the benchmark dtype (as a user would: transformers keeps inv_freq in fp32).
+    theirs = Qwen2ForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device)
+    ours = Qwen2.from_pretrained(tmp, dtype=dtype).to(device)
+    return ours, theirs
+
+
+def next_token_loss(logits, ids):
+    """Mean cross-entropy of predicting ids[:, 1:] from logits[:, :-1], in fp32 (as transformers' loss does)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def bench_qwen2_train(args, ours, theirs, device, dtype):
+    B, T = args.train_batch, args.train_seq
+    print(f"qwen2-train: forward + backward, batch {B} x {T} tokens")
+    ids = torch.randint(0, 151936, (B, T), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    ours.train(), theirs.train()  # dropout is 0 in both; train mode is what a training step runs in
+    with torch.no_grad():
+        check_close("qwen2 logits", ours(ids), theirs(ids).logits, dtype)
+
+    def step_ours():
+        next_token_loss(ours(ids), ids).backward()
+
+    def step_theirs():
+        next_token_loss(theirs(ids).logits, ids).backward()
+
+    # The same loss on the same logits for both sides (not transformers' labels= path), so only the models differ.
+    models = {"ours": ours, "transformers": theirs}
+    t = time_alternating({"ours": step_ours, "transformers": step_theirs}, device, args.warmup, args.repeats,
+                         before=lambda n: models[n].zero_grad(set_to_none=True))
+    ours.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)
+    ours.eval(), theirs.eval()
+    return result("qwen2 fwd+bwd", "tokens/s", B * T, t)
+
+
+@torch.no_grad()
+def greedy_ours(model, prompt, n_new):
+    """Greedy decoding with a KV cache: one prefill over the prompt, then one token per forward.
+    prompt (B, P) with no padding -> new tokens (B, n_new)."""
+    B, P = prompt.shape
+    c = model.cfg
+    cache = KVCache(c.num_hidden_layers, B, P + n_new, c.num_key_value_heads, c.head_dim,
+                    dtype=model.embed_tokens.weight.dtype, device=prompt.device)
+    h = model.hidden_states(prompt, cache=cache)[:, -1:]       # (B, 1, C): only the last position needs logits
+    out = []
+    for i in range(n_new):
+        nxt = model.logits(h).argmax(-1)                       # (B, 1)
+        out.append(nxt)
+        if i + 1 < n_new:
+            h = model.hidden_states(nxt, cache=cache)
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def greedy_theirs(model, prompt, n_new):
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=n_new,
+                         min_new_tokens=n_new, eos_token_id=None, pad_token_id=0)
+    return out[:, prompt.shape[1]:]
+
+
+def bench_qwen2_decode(args, ours, theirs, device, dtype):
+    B, P, N = args.decode_batch, args.prompt_len, args.new_tokens
+    print(f"qwen2-decode: greedy, batch {B}, prompt {P} tokens, {N} new tokens per row (prefill included)")
+    prompt = torch.randint(0, 151936, (B, P), generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+    a, b = greedy_ours(ours, prompt, N), greedy_theirs(theirs, prompt, N)
+    same = (a == b).all().item()
+    print(f"  check greedy tokens: {'identical' if same else 'DIFFERENT'} ({int((a == b).sum())}/{a.numel()} equal)")
+    if dtype == torch.float32:  # in bf16 rounding may flip a near-tie and the two continuations part ways
+        assert same, "greedy tokens differ between ours and transformers in fp32; not timing"
+    t = time_alternating({"ours": lambda: greedy_ours(ours, prompt, N),
+                          "transformers": lambda: greedy_theirs(theirs, prompt, N)},
+                         device, args.warmup, args.repeats)
+    return result("qwen2 greedy decode", "new tokens/s", B * N, t)
+
+
+# ---- SigLIP ----------------------------------------------------------------------------------------------------
+
+def bench_siglip(args, tmp, device, dtype):
+    B = args.vit_batch
+    print(f"siglip: forward, {B} images of 224x224, {args.vit_layers} layers, no_grad")
+    cfg = SiglipVisionConfig(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
+                             num_hidden_layers=args.vit_layers, num_attention_heads=12, layer_norm_eps=1e-6,
+                             vision_use_head=False, attn_implementation="sdpa")
+    # vision_use_head=False: SiglipVisionModel would otherwise also run the attention-pooling head (the
+    # contrastive pooler), which our tower leaves out since a VLM uses every patch; we time the same work.
+    randomize_(SiglipVisionModel(cfg), args.seed).save_pretrained(tmp)
+    theirs = SiglipVisionModel.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    ours = SiglipViT.from_pretrained(tmp, dtype=dtype).to(device)
+    x = torch.randn(B, 3, 224, 224, generator=torch.Generator().manual_seed(args.seed)).to(device, dtype)
+    with torch.no_grad():
+        check_close("siglip hidden states", ours(x), theirs(pixel_values=x).last_hidden_state, dtype)
+        t = time_alternating({"ours": lambda: ours(x), "transformers": lambda: theirs(pixel_values=x)},
+                             device, args.warmup, args.repeats)
+    return result("siglip forward", "images/s", B, t)
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # its save/load bars would clutter the table
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {args.threads} threads of {os.cpu_count()} cores"
+    print(f"device {device} ({where}) | dtype {args.dtype} | torch {torch.__version__} | "
+          f"transformers {transformers.__version__} | warmup {args.warmup}, median of {args.repeats}")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if {"qwen2-train", "qwen2-decode"} & set(args.only):
+            print(f"qwen2: Qwen2.5-0.5B shape with {args.layers} layers")
+            ours, theirs = qwen2_pair(args, Path(tmp) / "qwen2", device, dtype)
+            if "qwen2-train" in args.only:
+                rows.append(bench_qwen2_train(args, ours, theirs, device, dtype))
+            if "qwen2-decode" in args.only:
+                rows.append(bench_qwen2_decode(args, ours, theirs, device, dtype))
+            del ours, theirs
+        if "siglip" in args.only:
+            rows.append(bench_siglip(args, Path(tmp) / "siglip", device, dtype))
+
+    print()
+    head = ("benchmark", "unit", "nanovlm", "transformers", "ratio", "cpu-time ratio")
+    table = [head] + [(n, u, f"{a:,.2f}", f"{b:,.2f}", f"{a / b:.2f}x", f"{c:.2f}x") for n, u, a, b, c in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                       for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    print(line(head))
+    print("|" + "|".join("-" * (w + 2) if i < 2 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|")
+    for r in table[1:]:
+        print(line(r))
+    print("ratio = nanovlm throughput / transformers throughput, by median wall time (> 1: nanovlm is faster);\n"
+          "cpu-time ratio = transformers / nanovlm median CPU seconds of this process per call (robust to other\n"
+          "programs sharing the cores; on CUDA it measures host-side overhead only)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
