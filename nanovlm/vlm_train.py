@@ -226,7 +226,14 @@ def train(args):
         start_step = tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)["step"]
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    flops_tok = tu.flops_per_token(n_train, model.cfg.lm.num_hidden_layers, args.max_length, model.cfg.lm.hidden_size)
+    # FLOPs per token: every weight costs 2 in the forward pass; a trained weight 4 more in the backward pass
+    # (input and weight gradients); a frozen LM or projector still passes gradients back (2) when anything
+    # before it trains. (A per-token approximation: the vision tower's work per image is spread over tokens.)
+    n_lm_proj = sum(p.numel() for part in (model.lm, model.projector) for p in part.parameters() if not p.requires_grad)
+    n_frozen_vision = sum(p.numel() for p in model.vision.parameters() if not p.requires_grad)
+    upstream_trains = any(p.requires_grad for part in (model.vision, model.projector) for p in part.parameters())
+    flops_tok = (tu.flops_per_token(n_train, model.cfg.lm.num_hidden_layers, args.max_length, model.cfg.lm.hidden_size)
+                 + (4 if upstream_trains else 2) * n_lm_proj + 2 * n_frozen_vision)
     if dist.ddp:  # samples without images leave the vision tower unused in that micro-batch
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.lr_vision > 0)
     ctx = tu.autocast_context(dist.device, args.dtype)
