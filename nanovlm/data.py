@@ -31,6 +31,11 @@ Cost of that length scan: the chats are tokenized in one Rust encode_batch call 
 image (every image costs exactly image_tokens + 2 tokens) and the system turn counted once: 0.1-0.3 ms
 a sample, a minute or two for LLaVA's 595K captions, paid once at start-up. The real tokenization
 happens lazily in __getitem__, inside the DataLoader workers.
+
+Numbers written `<num><v>` (numeric.py) are parsed at construction, in every turn (user and assistant), so
+malformed markup is an error naming the sample before training starts. With numeric=True each becomes the
+`<num>` token and its value goes to `num_values` (one float per `<num>` token, in token order; collate
+concatenates them in reading order, as the VLM expects); with numeric=False it is written as plain digits.
 """
 
 import json
@@ -41,6 +46,7 @@ import re
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from nanovlm.numeric import parse_numbers, strip_numbers
 from nanovlm.siglip import preprocess_image
 from nanovlm.tokenizer import DEFAULT_SYSTEM, IMAGE_TAG
 
@@ -195,12 +201,14 @@ def load_image(path, size, where):
 
 class VLMDataset(torch.utils.data.Dataset):
     def __init__(self, samples, tokenizer, image_size, image_tokens, max_length, drop_long=False,
-                 system=DEFAULT_SYSTEM):
+                 system=DEFAULT_SYSTEM, numeric=False):
         self.tokenizer, self.image_size, self.image_tokens, self.system = tokenizer, image_size, image_tokens, system
+        self.numeric = numeric
         for s in samples:  # hand-built samples get the same check as loaded ones
             n_tags = sum(m["content"].count(IMAGE_TAG) for m in s["messages"])
             if n_tags != len(s["images"]):
                 raise ValueError(f"{s['where']}: {n_tags} {IMAGE_TAG} tag(s) but {len(s['images'])} image(s)")
+        samples = [self.parse_numbers(s) for s in samples]
         lengths = tokenizer.chat_lengths([s["messages"] for s in samples], image_tokens, system)
         long = [(s["where"], n) for s, n in zip(samples, lengths) if n > max_length]
         report = ", ".join(f"{w} ({n} tokens)" for w, n in long[:5]) + (", ..." if len(long) > 5 else "")
@@ -217,14 +225,32 @@ class VLMDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def parse_numbers(self, s):
+        """<num><v> markup in every turn -> <num> tokens + s["num_values"] (numeric), or plain digits."""
+        if "<num>" not in "".join(m["content"] for m in s["messages"]):
+            return {**s, "num_values": []}
+        messages, values = [], []
+        for m in s["messages"]:
+            if self.numeric:
+                text, v = parse_numbers(m["content"], where=s["where"])
+                values += v
+            else:
+                text = strip_numbers(m["content"], where=s["where"])
+            messages.append({**m, "content": text})
+        return {**s, "messages": messages, "num_values": values}
+
     def __getitem__(self, i):
         s = self.samples[i]
         ids, labels = self.tokenizer.encode_chat(s["messages"], self.image_tokens, system=self.system)
         H = W = self.image_size
         pixels = [load_image(p, self.image_size, s["where"]) for p in s["images"]]
         pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, H, W)   # (n_img, 3, H, W)
+        num_values = torch.tensor(s["num_values"], dtype=torch.float32)               # (n_num,)
+        if self.numeric and ids.count(self.tokenizer.num) != len(num_values):
+            raise ValueError(f"{s['where']}: {ids.count(self.tokenizer.num)} <num> token(s) after tokenizing but "
+                             f"{len(num_values)} value(s): is there a <num> in the system prompt?")
         return dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
-                    pixel_values=pixel_values, where=s["where"])
+                    pixel_values=pixel_values, num_values=num_values, where=s["where"])
 
 
 def collate(batch, pad_id):
@@ -239,5 +265,7 @@ def collate(batch, pad_id):
         input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = b["input_ids"], b["labels"], True
     pixel_values = torch.cat([b["pixel_values"] for b in batch])   # (sum n_img, 3, H, W), may be (0, 3, H, W)
     n_images = torch.tensor([b["pixel_values"].shape[0] for b in batch], dtype=torch.long)
+    # Values of the <num> tokens, sample after sample: the reading order of the padded batch.
+    num_values = torch.cat([b.get("num_values", torch.zeros(0)) for b in batch])   # (sum n_num,)
     return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, pixel_values=pixel_values,
-                n_images=n_images, where=[b["where"] for b in batch])
+                n_images=n_images, num_values=num_values, where=[b["where"] for b in batch])

@@ -7,6 +7,8 @@ Used by train_sft.py at the end of training and by `python sample.py --ckpt DIR 
 sample, averaged per question type (the sample's "qtype" column, "all" when absent):
   exact  the answer equals the reference after stripping spaces (case-sensitive: "KQX" is not "kqx")
   text   1 - edit distance / max(len) (rewards.text_accuracy): partial credit for a nearly right string
+Numbers written <num><v> are fed to a model with the numeric head as values (its answers are rendered back to
+<num><v>), and to a model without one as the plain digits it was trained on.
 """
 
 from collections import defaultdict
@@ -15,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from nanovlm.data import load_image
+from nanovlm.numeric import decode_numeric, parse_numbers, strip_numbers
 from nanovlm.rewards import text_accuracy
 
 
@@ -30,19 +33,33 @@ def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32
     shown = 0
     for i in tqdm(range(0, len(samples), batch_size), desc="evaluate", unit="batch", leave=False):
         chunk = samples[i:i + batch_size]
-        prompts, pixels, refs = [], [], []
+        prompts, pixels, refs, values = [], [], [], []
+        numeric = getattr(model, "numeric", None) is not None
         for s in chunk:
             if not s["messages"] or s["messages"][-1]["role"] != "assistant":
                 raise ValueError(f"{s['where']}: evaluation needs a conversation ending with an assistant answer")
-            ids, _ = tokenizer.encode_chat(s["messages"][:-1], model.cfg.image_tokens, add_generation_prompt=True,
+            messages = []
+            for m in s["messages"][:-1]:
+                if numeric:   # values beside <num> tokens, as in training; else plain digits
+                    text, v = parse_numbers(m["content"], s["where"])
+                else:
+                    text, v = strip_numbers(m["content"], s["where"]), []
+                messages.append({**m, "content": text})
+                values += v
+            ids, _ = tokenizer.encode_chat(messages, model.cfg.image_tokens, add_generation_prompt=True,
                                            system=system)
             prompts.append(ids)
             pixels += [load_image(p, image_size, s["where"]) for p in s["images"]]
-            refs.append(s["messages"][-1]["content"].strip())
+            ref = s["messages"][-1]["content"].strip()
+            refs.append(ref if numeric else strip_numbers(ref, s["where"]))
         pixel_values = torch.stack(pixels).to(device) if pixels else None
-        outs = model.generate(prompts, pixel_values, max_new_tokens=max_new_tokens)
-        for s, out, ref in zip(chunk, outs, refs):
-            pred = tokenizer.decode(out, skip_special_tokens=True).strip()
+        if numeric:
+            outs, preds = model.generate(prompts, pixel_values, max_new_tokens=max_new_tokens, num_values=values)
+        else:
+            outs = model.generate(prompts, pixel_values, max_new_tokens=max_new_tokens)
+        for k, (s, out, ref) in enumerate(zip(chunk, outs, refs)):
+            pred = (decode_numeric(tokenizer, out, preds[k])[0] if numeric
+                    else tokenizer.decode(out, skip_special_tokens=True)).strip()
             for key in (s.get("qtype", "all"), "all") if s.get("qtype") else ("all",):
                 scores[key]["n"] += 1
                 scores[key]["exact"] += float(pred == ref)

@@ -36,6 +36,8 @@ import re
 import sys
 from pathlib import Path
 
+from nanovlm.numeric import NUMBER, parse_numbers
+
 IMPORTANT_CHARS = "0123456789¥$"
 
 
@@ -97,10 +99,8 @@ FORMAT_RE = re.compile(
     r"\s*<think>(?:(?!</?think>).)*</think>\s*<answer>(?:(?!</?answer>).)*</answer>\s*", re.DOTALL)
 # A plain number: optional sign, digits with an optional decimal part (or ".5"), optional exponent.
 # No thousands separators: "1,234" reads as the two numbers 1 and 234.
-NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+# The same grammar as numeric.py's <num><v> markup, whose parser reads the marked numbers.
 NUMBER_RE = re.compile(NUMBER)
-# The numeric-head markup of numeric.py: "<num><3.25>" is one number token carrying the value 3.25.
-NUM_MARKUP_RE = re.compile(r"<num>\s*<\s*(" + NUMBER + r")\s*>")
 
 
 def extract_answer(completion):
@@ -114,8 +114,8 @@ def extract_answer(completion):
 
 def extract_numbers(text):
     """The numbers in text: the values of its <num><v> markup if it has any, else every plain number."""
-    marked = NUM_MARKUP_RE.findall(text)
-    return [float(v) for v in (marked if marked else NUMBER_RE.findall(text))]
+    _, marked = parse_numbers(text, strict=False)   # a completion's malformed markup is just not a number
+    return marked if marked else [float(v) for v in NUMBER_RE.findall(text)]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,11 +13,17 @@ Everything is written in the formats people already use, so the real loaders in 
       sft_{train,val}.json                 LLaVA format + "qtype" (of the first question): colour|shape|count|
                                            position|text; training scenes carry up to 4 questions each
       ocr_{train,val}.jsonl                {"query", "response", "image_path", "qtype"}
+      images/{train,val}/chart_000123.png  charts: 3-5 coloured bars or a 4-6 point line, y axis 0..top
+      charts_{train,val}.json              LLaVA format + "qtype" chart_value|chart_total + "chart" (what was
+                                           drawn); answers are numbers written <num><v> (numeric.py)
       scenes_{train,val}.jsonl             what was drawn (for tests and error analysis)
       DONE.json                            written last, holds the parameters: a finished dataset
 
 Image paths are relative to out_dir. Generation is deterministic for a seed (same bytes every run)
-and fast (thousands of images per second: 64x64 PNGs drawn with PIL).
+and fast (thousands of images per second: 64x64 PNGs drawn with PIL). Charts are drawn at the same
+--image-size as everything else: it is the model's input resolution (a bigger chart would only be shrunk
+back by the preprocessing), and the drawing is made to read at 64x64: thick bars, one labelled gridline at
+the axis top (10, 50, 100, 500 or 1000), values to 5% of the axis height.
 
     python -m nanovlm.synthetic --out-dir data/synthetic --n-train 20000 --n-val 1000 --seed 0
 """
@@ -32,6 +38,8 @@ from functools import lru_cache
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from nanovlm.numeric import format_value
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
            "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30)}
 SHAPES = ["circle", "square", "triangle", "diamond"]
@@ -44,6 +52,8 @@ CAPTION_PROMPTS = ["Describe the image.", "What is in this picture?", "Give a sh
 BACKGROUND = (255, 255, 255)
 TEXT_FRACTION = 0.2   # share of scenes that show a word instead of shapes
 TRAIN_TURNS = 4       # questions per training conversation about a shapes scene (validation: 1)
+CHART_TOPS = [10, 50, 100, 500, 1000]   # the y axis runs 0..top; top is written on the chart
+CHART_TURNS = 3       # questions per training conversation about a chart (validation: 1)
 
 
 @lru_cache(maxsize=None)
@@ -147,6 +157,75 @@ def question(rng, objects):
     return qtype, f"How many {plural(s, 2)} are there?", str(sum(p["shape"] == s for p in objects))
 
 
+def random_chart(rng, image_size):
+    """A bar chart (3-5 bars, one colour each) or a line chart (4-6 points A, B, ...) with known values,
+    on a y axis from 0 to `top` with one labelled gridline at top -> (image, chart record)."""
+    S = image_size
+    top = rng.choice(CHART_TOPS)
+    kind = rng.choice(["bar", "line"])
+    n = rng.randint(3, 5) if kind == "bar" else rng.randint(4, 6)
+    decimals = 1 if top <= 100 else 0
+    values = [round(top * rng.uniform(0.05, 1.0), decimals) for _ in range(n)]
+    x0, x1, y_top, y0 = 0.08 * S, 0.97 * S, 0.25 * S, 0.95 * S   # plot area: y_top is the value `top`
+    y_of = lambda v: y0 - (y0 - y_top) * v / top                 # noqa: E731
+    img = Image.new("RGB", (S, S), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    d.text((x0, y_top - 1), str(top), font=font(max(7, S // 7)), fill=(0, 0, 0), anchor="ls")
+    d.line([(x0, y_top), (x1, y_top)], fill=(170, 170, 170), width=1)   # the gridline at `top`
+    width = max(1, S // 32)
+    if kind == "bar":
+        labels = rng.sample(list(COLOURS), n)
+        slot = (x1 - x0) / n
+        for k, (c, v) in enumerate(zip(labels, values)):
+            d.rectangle([x0 + (k + 0.15) * slot, y_of(v), x0 + (k + 0.85) * slot, y0], fill=COLOURS[c])
+    else:
+        labels = [chr(ord("A") + k) for k in range(n)]
+        colour = COLOURS[rng.choice(list(COLOURS))]
+        xs = [x0 + (k + 0.5) * (x1 - x0) / n for k in range(n)]
+        points = [(x, y_of(v)) for x, v in zip(xs, values)]
+        d.line(points, fill=colour, width=width)
+        for x, y in points:
+            d.ellipse([x - 2 * width, y - 2 * width, x + 2 * width, y + 2 * width], fill=colour)
+    d.line([(x0, y_top - 2), (x0, y0), (x1, y0)], fill=(0, 0, 0), width=width)   # axes
+    return img, dict(kind=kind, top=top, labels=labels, values=values)
+
+
+def chart_question(rng, chart):
+    """-> (qtype, question, value): the value of one bar/point, or the total of all of them."""
+    if rng.random() < 0.25:
+        return "chart_total", "What is the total?", round(sum(chart["values"]), 1)
+    k = rng.randrange(len(chart["values"]))
+    x = f"the {chart['labels'][k]} bar" if chart["kind"] == "bar" else f"point {chart['labels'][k]}"
+    return "chart_value", f"What is the value of {x}?", chart["values"][k]
+
+
+def chart_sample(rng, out_dir, split, i, image_size):
+    """Draw chart i of a split and save it -> its LLaVA record, answered with <num><v> numbers."""
+    img, chart = random_chart(rng, image_size)
+    image = f"images/{split}/chart_{i:06d}.png"
+    img.save(os.path.join(out_dir, image))
+    qtype, q, v = chart_question(rng, chart)
+    more = []
+    for _ in range(CHART_TURNS - 1 if split == "train" else 0):
+        _, q2, v2 = chart_question(rng, chart)
+        if q2 != q and all(q2 != m[0] for m in more):
+            more.append((q2, f"<num><{format_value(v2)}>"))
+    return llava(f"{split}-{i}", image, q, f"<num><{format_value(v)}>", *more, qtype=qtype, chart=chart)
+
+
+def add_charts(out_dir, n_train, n_val, seed, image_size):
+    """Add the charts to a dataset generated before they existed: the same files generate() would write (the
+    charts have their own random stream), each JSON written to a temporary name and renamed, so the other
+    files are untouched and a job reading them meanwhile is not disturbed."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        rng = random.Random(f"{seed}:{split}:charts")
+        rows = [chart_sample(rng, out_dir, split, i, image_size) for i in range(n)]
+        path = os.path.join(out_dir, f"charts_{split}.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(rows, f, ensure_ascii=False, indent=1)
+        os.replace(path + ".tmp", path)
+
+
 def random_word(rng, lo=3, hi=4):
     return "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(rng.randint(lo, hi)))
 
@@ -171,8 +250,9 @@ def llava(id, image, question, answer, *more, **extra):
 
 def generate_split(out_dir, split, n, seed, image_size):
     rng = random.Random(f"{seed}:{split}")  # str seeds hash with sha512: the same on every machine and run
+    chart_rng = random.Random(f"{seed}:{split}:charts")   # its own stream: the other files stay as they were
     os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
-    captions, sft, ocr, scenes = [], [], [], []
+    captions, sft, ocr, scenes, charts = [], [], [], [], []
     for i in tqdm(range(n), desc=f"synthetic {split}", unit="img", mininterval=1.0):
         image = f"images/{split}/{i:06d}.png"
         if rng.random() < TEXT_FRACTION:
@@ -203,6 +283,7 @@ def generate_split(out_dir, split, n, seed, image_size):
         draw_text(image_size, text).save(os.path.join(out_dir, ocr_image))
         ocr.append({"query": "What is the text in the image?", "response": text, "image_path": ocr_image,
                     "qtype": kind})
+        charts.append(chart_sample(chart_rng, out_dir, split, i, image_size))   # a chart per scene
 
     def dump(name, rows, jsonl):
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
@@ -214,6 +295,7 @@ def generate_split(out_dir, split, n, seed, image_size):
     dump(f"sft_{split}.json", sft, False)
     dump(f"ocr_{split}.jsonl", ocr, True)
     dump(f"scenes_{split}.jsonl", scenes, True)
+    dump(f"charts_{split}.json", charts, False)
 
 
 def generate(out_dir, n_train=20000, n_val=1000, seed=0, image_size=64):
@@ -234,20 +316,22 @@ def ensure_synthetic(out_dir, n_train=20000, n_val=1000, seed=0, image_size=64):
     if os.path.exists(marker):
         with open(marker) as f:
             if json.load(f) == params:
+                if not os.path.exists(os.path.join(out_dir, "charts_val.json")):   # made before charts existed
+                    add_charts(out_dir, **params)
                 return out_dir
     tmp = f"{os.path.normpath(out_dir)}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    generate(tmp, **params)
+    generate(tmp, n_train, n_val, seed, image_size)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Generate the offline synthetic VLM dataset (shapes, text, OCR).")
+    p = argparse.ArgumentParser(description="Generate the offline synthetic VLM dataset (shapes, text, OCR, charts).")
     p.add_argument("--out-dir", default="data/synthetic", help="output folder (replaced if it exists)")
     p.add_argument("--n-train", type=int, default=20000, help="training images (each gives a caption, "
-                   "an SFT question and an OCR sample)")
+                   "an SFT question, an OCR sample and a chart)")
     p.add_argument("--n-val", type=int, default=1000, help="validation images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64, help="square image side in pixels")

@@ -13,6 +13,11 @@ have to look up. Samples can hold any number of images, none included (text-only
 The loss is next-token cross-entropy on the positions whose label is not -100 (the assistant's answers).
 Logits are computed only at those positions: the vocabulary projection is the largest matrix product in a
 small LM and most positions (system prompt, image tokens, question) are never scored.
+
+Numbers as values (optional, numeric.py): with cfg.numeric set, `<num>` tokens carry floats. embed() adds a
+value embedding at each `<num>` (num_values: one float per `<num>` token of the batch, in reading order), the
+loss adds alpha * the MSE of a regression head read at the position before each trained `<num>`, and
+generate() feeds the head's value back in whenever it emits `<num>`.
 """
 
 import json
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from nanovlm.attention import KVCache
+from nanovlm.numeric import Numeric, NumericConfig, numeric_loss
 from nanovlm.projector import Projector, ProjectorConfig
 from nanovlm.qwen2 import Qwen2, Qwen2Config
 from nanovlm.siglip import SiglipConfig, SiglipViT
@@ -41,6 +47,7 @@ class VLMConfig:
     pad_token_id: int = 151643
     image_size: int = 0                # input resolution; 0: the vision tower's own (positions interpolate)
     system_prompt: str = None          # the chat template's system turn the model was trained with (None: none)
+    numeric: NumericConfig = None      # the numeric head (numeric.py); None: off, numbers are plain text
 
     def __post_init__(self):  # accept plain dicts (as read back from config.json)
         for name, cls in (("lm", Qwen2Config), ("vision", SiglipConfig), ("projector", ProjectorConfig)):
@@ -50,6 +57,10 @@ class VLMConfig:
         self.image_size = self.image_size or self.vision.image_size
         self.projector.vision_hidden = self.vision.hidden_size
         self.projector.lm_hidden = self.lm.hidden_size
+        if isinstance(self.numeric, dict):
+            self.numeric = NumericConfig(**self.numeric)
+        if self.numeric is not None:
+            self.numeric.lm_hidden = self.lm.hidden_size
 
     @property
     def image_tokens(self):
@@ -67,6 +78,15 @@ class VLM(nn.Module):
         self.vision = vision if vision is not None else SiglipViT(cfg.vision)
         self.projector = Projector(cfg.projector)
         self.lm = lm if lm is not None else Qwen2(cfg.lm)
+        self.numeric = Numeric(cfg.numeric) if cfg.numeric is not None else None
+
+    def enable_numeric(self, numeric_cfg: NumericConfig):
+        """Add a fresh numeric head to a model trained without one (e.g. SFT from a pretrain checkpoint)."""
+        self.cfg.numeric = numeric_cfg
+        numeric_cfg.lm_hidden = self.cfg.lm.hidden_size
+        w = self.lm.embed_tokens.weight
+        self.numeric = Numeric(numeric_cfg).to(device=w.device, dtype=w.dtype)
+        return self
 
     @classmethod
     def from_backbones(cls, lm_path, vision_path, projector=None, dtype=None, **cfg_kw):
@@ -84,9 +104,13 @@ class VLM(nn.Module):
         """(N_img, 3, H, W) -> (N_img, image_tokens, lm_hidden)"""
         return self.projector(self.vision(pixel_values))
 
-    def embed(self, input_ids, pixel_values=None, where=None):
-        """Token embeddings with image features written over the image-pad positions. (B, T) -> (B, T, C)."""
+    def embed(self, input_ids, pixel_values=None, where=None, num_values=None):
+        """Token embeddings with image features written over the image-pad positions, and (numeric head on)
+        value embeddings added at the <num> positions. (B, T) -> (B, T, C).
+        num_values: (N,) floats, one per <num> token of input_ids in reading order (row by row)."""
         x = self.lm.embed_tokens(input_ids)                                   # (B, T, C)
+        if self.numeric is not None:
+            x = self.embed_values(x, input_ids, num_values, where)
         is_image = input_ids == self.cfg.image_token_id                       # (B, T)
         n_slots = int(is_image.sum())
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
@@ -102,31 +126,63 @@ class VLM(nn.Module):
             x = x.masked_scatter(is_image[..., None], feats.reshape(-1, x.shape[-1]))
         return x
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, where=None):
-        """Returns {"loss", "n_tokens"} with labels (loss averaged over the labelled tokens), else {"logits"}."""
-        x = self.embed(input_ids, pixel_values, where)
+    def embed_values(self, x, input_ids, num_values, where=None):
+        """x (B, T, C) + the value embedding of each <num>'s value at its position."""
+        is_num = input_ids == self.cfg.numeric.num_token_id                    # (B, T)
+        values = torch.zeros(0) if num_values is None else torch.as_tensor(num_values)
+        if int(is_num.sum()) != values.numel():
+            raise ValueError(f"numbers do not match values{f' in {where}' if where else ''}: the text has "
+                             f"{is_num.sum(1).tolist()} <num> tokens per row but {values.numel()} value(s) were given")
+        ve = self.numeric.embed(values.to(x.device).reshape(-1)).to(x.dtype)  # (N, C)
+        # Always computed, even for N = 0, so the value embedding is in the graph of every batch (DDP).
+        return x.masked_scatter(is_num[..., None], x[is_num] + ve)
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, where=None, num_values=None):
+        """Returns {"loss", "n_tokens"} with labels (loss averaged over the labelled tokens), else {"logits"}.
+        With the numeric head: {"loss" = token_ce + alpha * numeric_mse, "token_ce", "numeric_mse", "n_tokens",
+        "n_numbers"}, or {"logits", "numeric"} (the head's raw values at every position, (B, T)) without labels."""
+        x = self.embed(input_ids, pixel_values, where, num_values)
         h = self.lm.hidden_states(inputs_embeds=x, attention_mask=attention_mask)     # (B, T, C)
         if labels is None:
-            return {"logits": self.lm.logits(h)}
+            out = {"logits": self.lm.logits(h)}
+            if self.numeric is not None:
+                out["numeric"] = self.numeric.decode(self.numeric.predict(h))          # (B, T)
+            return out
         # Position t predicts token t+1: score only positions whose next token is labelled.
         targets = labels[:, 1:]                                                        # (B, T-1)
         keep = targets != -100
         logits = self.lm.logits(h[:, :-1][keep])                                       # (N, vocab)
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         n = keep.sum()
-        return {"loss": loss / n.clamp(min=1), "n_tokens": n}
+        out = {"loss": loss / n.clamp(min=1), "n_tokens": n}
+        if self.numeric is not None:
+            # The value of a trained <num> at t+1 is regressed from h[t], the state whose logits predict <num>.
+            is_num = input_ids == self.cfg.numeric.num_token_id                        # (B, T)
+            trained = is_num & (labels != -100)
+            trained[:, 0] = False                                                      # nothing precedes it
+            values = torch.as_tensor(num_values if num_values is not None else []).to(h.device).reshape(-1)
+            mse = self.numeric.loss(h[:, :-1][trained[:, 1:]], values[trained[is_num]])  # (N_num, C), (N_num,)
+            out.update(token_ce=out["loss"], numeric_mse=mse, n_numbers=trained.sum(),
+                       loss=numeric_loss(out["loss"], mse, self.cfg.numeric.loss_weight))
+        return out
 
     # ---- generation ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, prompts, pixel_values=None, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
-                 repetition_penalty=1.0, generator=None, on_token=None):
+                 repetition_penalty=1.0, generator=None, on_token=None, num_values=None):
         """Sample continuations of a batch of prompts together, with a KV cache.
 
         prompts: list of token-id lists (lengths may differ; images as image-pad tokens, in order across the
         batch matching pixel_values). temperature 0 = greedy. Stops a row at any of cfg.stop_token_ids
         (the stop token is not returned). on_token(row, token_id) is called as tokens are chosen (streaming).
         Returns a list of new-token lists.
+
+        With the numeric head: num_values holds the values of the prompts' <num> tokens (reading order, as in
+        embed), and each time a row emits <num> the head's value at that step is decoded, fed back through the
+        value embedding with the <num> token, and recorded. Returns (new-token lists, predictions), where
+        predictions[b] is a list of {"value": float, "position": index of that <num> in row b's new tokens};
+        numeric.decode_numeric(tokenizer, tokens[b], predictions[b]) renders the text with <num><v>.
         """
         device = self.lm.embed_tokens.weight.device
         B, T = len(prompts), max(len(p) for p in prompts)
@@ -138,17 +194,25 @@ class VLM(nn.Module):
         lm = self.lm.cfg
         cache = KVCache(lm.num_hidden_layers, B, T + max_new_tokens, lm.num_key_value_heads, lm.head_dim,
                         dtype=self.lm.embed_tokens.weight.dtype, device=device)
-        x = self.embed(ids, pixel_values)
+        x = self.embed(ids, pixel_values, num_values=num_values)
         h = self.lm.hidden_states(inputs_embeds=x, attention_mask=mask, cache=cache)           # (B, T, C)
-        logits = self.lm.logits(h[torch.arange(B, device=device), mask.sum(1) - 1])          # (B, vocab)
+        h = h[torch.arange(B, device=device), mask.sum(1) - 1]                               # (B, C) last real
+        logits = self.lm.logits(h)                                                           # (B, vocab)
         seen = ids.masked_fill(~mask, -1)                     # tokens for the repetition penalty
         out = [[] for _ in range(B)]
+        preds = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         stops = torch.tensor(self.cfg.stop_token_ids, device=device)
         for _ in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)  # (B,)
             done |= torch.isin(nxt, stops)
+            if self.numeric is not None:   # the value of a <num> comes from the state that chose <num>
+                t_val = self.numeric.predict(h).float()                                       # (B,)
+                # Rounded to float32's ~7 significant digits, so the rendered text is short and exact.
+                values = [float(f"{v:.7g}") for v in self.numeric.decode(t_val).tolist()]
             for b in (~done).nonzero().flatten().tolist():
+                if self.numeric is not None and int(nxt[b]) == self.cfg.numeric.num_token_id:
+                    preds[b].append({"value": values[b], "position": len(out[b])})
                 out[b].append(int(nxt[b]))
                 if on_token is not None:
                     on_token(b, int(nxt[b]))
@@ -156,8 +220,14 @@ class VLM(nn.Module):
                 break
             seen = torch.cat([seen, nxt[:, None]], 1)
             nxt = nxt.masked_fill(done, self.cfg.pad_token_id)  # finished rows run along, their output ignored
-            logits = self.lm(nxt[:, None], cache=cache)[:, -1]
-        return out
+            x = self.lm.embed_tokens(nxt[:, None])                                               # (B, 1, C)
+            if self.numeric is not None:   # feed the value back in, as training feeds in the true one
+                is_num = nxt == self.cfg.numeric.num_token_id
+                fed = torch.tensor(values, device=device)[is_num]
+                x = self.embed_values(x, nxt[:, None], fed)
+            h = self.lm.hidden_states(inputs_embeds=x, cache=cache)[:, -1]                      # (B, C)
+            logits = self.lm.logits(h)
+        return out if self.numeric is None else (out, preds)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
 

@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nanovlm import lora
 from nanovlm import train_utils as tu
 from nanovlm.data import VLMDataset, collate, load_data
+from nanovlm.numeric import NumericConfig
 from nanovlm.projector import ProjectorConfig
 from nanovlm.qwen2 import Qwen2Config
 from nanovlm.siglip import SiglipConfig
@@ -43,6 +45,10 @@ PRESETS = {
                          max_steps=1000, lr_vision=2e-3, lr_projector=2e-3, lr_lm=2e-3, out_dir="out/pretrain"),
         "sft": dict(data="{data_dir}/sft_train.json", val_data="{data_dir}/sft_val.json",
                     max_steps=1500, lr_vision=2e-3, lr_projector=2e-3, lr_lm=2e-3, out_dir="out/sft"),
+        # batch_size counts prompts here (each sampled num_generations times)
+        "grpo": dict(init_from="out/sft", data="{data_dir}/ocr_train.jsonl", val_data="{data_dir}/ocr_val.jsonl",
+                     max_steps=200, batch_size=8, warmup_steps=10, save_every=50, lr_vision=0.0, lr_projector=0.0,
+                     lr_lm=1e-4, max_new_tokens=24, num_generations=8, reward_funcs=["ocr"], out_dir="out/grpo"),
     },
     "qwen2.5-0.5b-siglip": {
         "common": dict(lm="Qwen/Qwen2.5-0.5B-Instruct", vision="google/siglip-base-patch16-224", image_size=224,
@@ -50,6 +56,9 @@ PRESETS = {
                        eval_every=500, save_every=1000, system=DEFAULT_SYSTEM),
         "pretrain": dict(max_steps=5000, lr_vision=0.0, lr_projector=1e-3, lr_lm=0.0, out_dir="out/pretrain"),
         "sft": dict(max_steps=5000, lr_vision=0.0, lr_projector=1e-4, lr_lm=2e-5, out_dir="out/sft"),
+        "grpo": dict(max_steps=1000, batch_size=4, grad_accum=1, warmup_steps=20, save_every=100, lr_vision=0.0,
+                     lr_projector=0.0, lr_lm=1e-6, max_new_tokens=256, num_generations=8,
+                     reward_funcs=["ocr", "format"], out_dir="out/grpo"),
     },
 }
 # The tiny model: ~2M parameters; 64x64 images, 8x8 patches -> 64 patches -> pixel shuffle 2 -> 16 tokens.
@@ -96,6 +105,16 @@ def build_parser(doc, stage):
     a("--num-workers", type=int, default=-1, help="DataLoader workers (-1: 0 on CPU, 4 on GPU)")
     a("--seed", type=int, default=0)
     a("--stop-at-step", type=int, help="stop after this step with a checkpoint, as if interrupted (tests --resume)")
+    a("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: off, train the weights themselves)")
+    a("--lora-alpha", type=float, help="LoRA scaling numerator: update = alpha / rank * B A (default 2 * rank)")
+    a("--lora-targets", nargs="+", default=["lm"],
+      help="module-name patterns to adapt: lm (all LM linear layers), lm.attn, lm.mlp, vision, projector")
+    a("--numeric", action="store_true", help="numeric head: <num><v> numbers are regressed values (numeric.py), "
+      "not digit strings; a checkpoint with one keeps it")
+    a("--numeric-loss-weight", type=float, default=1.0, help="alpha in loss = token_ce + alpha * numeric_mse")
+    a("--numeric-lr", type=float, default=1e-4, help="learning rate of the value embedding and regression head")
+    a("--numeric-hidden", type=int, default=512, help="width of the value-embedding MLP (1 -> N -> hidden)")
+    a("--numeric-transform", default="symlog", choices=["symlog", "identity"], help="space values are regressed in")
     p.set_defaults(stage=stage)
     return p
 
@@ -167,6 +186,36 @@ def build_model(args, dist):
     return model.float(), tok
 
 
+def make_vlm_optimizer(model, args):
+    """AdamW with one learning rate per part (0 freezes the part). With LoRA (--lora-rank) the adapters are
+    added first and train at their part's rate; the rest of an adapted part is frozen (see lora.py)."""
+    if args.lora_rank:
+        for part in {t.split(".")[0] for t in args.lora_targets}:
+            if getattr(args, f"lr_{part}", None) == 0:
+                raise SystemExit(f"--lora-targets adapts {part!r} but --lr-{part} is 0: give it a learning rate")
+        lora.apply_lora(model, args.lora_targets, args.lora_rank, args.lora_alpha, seed=args.seed)
+    numeric = model.numeric is not None
+    return tu.make_optimizer([("vision", model.vision.parameters(), args.lr_vision),
+                              ("projector", model.projector.parameters(), args.lr_projector),
+                              ("lm", model.lm.parameters(), args.lr_lm)]
+                             + ([("numeric", model.numeric.parameters(), args.numeric_lr)] if numeric else []),
+                             weight_decay=args.weight_decay)
+
+
+def save_vlm_checkpoint(out_dir, model, tok, opt, step, args, dist):
+    """Atomic checkpoint (call on every rank: the RNG states are gathered). With LoRA, model.safetensors holds
+    the merged weights (a plain VLM checkpoint) and train_state.pt the adapters, for an exact --resume."""
+    model = tu.unwrap(model)
+    rngs = tu.gather_rng_states()
+    if dist.is_main:
+        extra = lora.save_extra(model)   # the adapters, taken before merged() swaps them out
+        with lora.merged(model):
+            tu.save_checkpoint(out_dir, model, model.cfg.to_dict(), optimizer=opt, step=step, rng_states=rngs,
+                               extra=extra,
+                               files={"tokenizer.json": tok.tok.to_str(), "args.json": json.dumps(vars(args), indent=2)})
+    tu.barrier()
+
+
 # ---- the loop -------------------------------------------------------------------------------------------------
 
 
@@ -194,7 +243,8 @@ def evaluate_loss(model, dataset, args, dist, pad_id, ctx):
     for i in range(dist.rank * args.batch_size, n, args.batch_size * dist.world_size):
         b = to_device(collate([dataset[j] for j in range(i, min(i + args.batch_size, n))], pad_id), dist.device)
         with ctx:
-            out = tu.unwrap(model)(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"], b["where"])
+            out = tu.unwrap(model)(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"], b["where"],
+                                   b["num_values"])
         total += float(out["loss"]) * int(out["n_tokens"])
         count += int(out["n_tokens"])
     stats = torch.tensor([total, count], dtype=torch.float64, device=dist.device)
@@ -210,20 +260,23 @@ def train(args):
     torch.manual_seed(args.seed + dist.rank)
     out_dir = Path(args.out_dir)
     model, tok = build_model(args, dist)
+    if args.numeric and model.numeric is None:   # a fresh head (a checkpoint with one keeps its own)
+        model.enable_numeric(NumericConfig(tok.num, hidden=args.numeric_hidden, transform=args.numeric_transform))
+    if model.numeric is not None:
+        model.cfg.numeric.loss_weight = args.numeric_loss_weight
     model.to(dist.device)
+    numeric = model.numeric is not None
     model.cfg.system_prompt = system = args.system   # saved with the checkpoint: sampling uses the same template
     image_size, image_tokens = model.cfg.image_size, model.cfg.image_tokens
     train_set = VLMDataset(load_data(args.data, args.image_root, seed=args.seed), tok, image_size,
-                           image_tokens, args.max_length, args.drop_long, system=system)
+                           image_tokens, args.max_length, args.drop_long, system=system, numeric=numeric)
     val_set = (VLMDataset(load_data(args.val_data, args.image_root), tok, image_size, image_tokens,
-                          args.max_length, args.drop_long, system=system) if args.val_data else None)
+                          args.max_length, args.drop_long, system=system, numeric=numeric) if args.val_data else None)
 
-    opt = tu.make_optimizer([("vision", model.vision.parameters(), args.lr_vision),
-                             ("projector", model.projector.parameters(), args.lr_projector),
-                             ("lm", model.lm.parameters(), args.lr_lm)], weight_decay=args.weight_decay)
+    opt = make_vlm_optimizer(model, args)
     start_step = 0
     if args.resume:
-        start_step = tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)["step"]
+        start_step = lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)["step"]
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # FLOPs per token: every weight costs 2 in the forward pass; a trained weight 4 more in the backward pass
@@ -242,14 +295,6 @@ def train(args):
         print(f"{args.stage}: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
               f"{len(train_set)} samples, {image_tokens} tokens per image, {dist.world_size} process(es)")
 
-    def save(step):
-        config = tu.unwrap(model).cfg.to_dict()
-        rngs = tu.gather_rng_states()
-        if dist.is_main:
-            tu.save_checkpoint(out_dir, model, config, optimizer=opt, step=step, rng_states=rngs,
-                               files={"tokenizer.json": tok.tok.to_str(), "args.json": json.dumps(vars(args), indent=2)})
-        tu.barrier()
-
     loader = iter(batches(train_set, args, dist, start_step, tok.endoftext))
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                disable=not dist.is_main, desc=args.stage)
@@ -257,14 +302,17 @@ def train(args):
     t0, tokens = time.time(), 0
     for step in bar:
         lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps)
-        loss_sum = 0.0
+        loss_sum, parts = 0.0, {"token_ce": 0.0, "numeric_mse": 0.0}
         for micro in range(args.grad_accum):
             b = to_device(next(loader), dist.device)
             with tu.sync_context(model, micro == args.grad_accum - 1), ctx:
-                out = model(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"], b["where"])
+                out = model(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"], b["where"],
+                            b["num_values"])
                 loss = out["loss"] / args.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
+            for k in parts if numeric else ():   # the two parts of the loss, logged separately
+                parts[k] += float(out[k].detach()) / args.grad_accum
             tokens += int(b["attention_mask"].sum())
         tu.check_finite(loss_sum, step)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
@@ -275,7 +323,7 @@ def train(args):
             tok_s = tokens * dist.world_size / max(dt, 1e-9)
             mfu = tu.mfu(tok_s / dist.world_size, flops_tok, dist.device)
             log.log(step, loss=loss_sum, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
-                    **({"mfu": mfu} if mfu is not None else {}))
+                    **({"mfu": mfu} if mfu is not None else {}), **(parts if numeric else {}))
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
             t0, tokens = time.time(), 0
         last = step == args.max_steps - 1 or step + 1 == args.stop_at_step
@@ -285,9 +333,9 @@ def train(args):
             if dist.is_main:
                 tqdm.write(f"step {step + 1}: val loss {val:.4f}")
         if (step + 1) % args.save_every == 0 or last:
-            save(step + 1)
+            save_vlm_checkpoint(out_dir, model, tok, opt, step + 1, args, dist)
             log.plot(["loss", "val_loss"], "loss.png", title=f"{args.stage} loss", logy=True)
         if step + 1 == args.stop_at_step:
             break
     tu.cleanup_distributed()
-    return tu.unwrap(model), tok, args
+    return lora.merge_lora(tu.unwrap(model)), tok, args   # as saved: plain layers, any adapters folded in
