@@ -208,4 +208,114 @@ def entropy_from_logits(logits):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rollouts (sampling G completions per prompt and scoring them with rewards.combine_rewards) go here.
+# Rollouts: G completions per prompt, sampled together, and their per-token log-probs
+#
+# A rollout batch holds B = n_prompts * G rows, laid out as consecutive groups (p0 c0, p0 c1, ..., p1 c0, ...)
+# as group_advantages expects. Each prompt is simply repeated G times and the whole batch sampled in one
+# VLM.generate call with the KV cache (the prompt prefill is recomputed G times; prefix sharing would save
+# it, at the cost of a much less readable cache).
+#
+# The completion a row is trained on ends with its end-of-turn token, which generate() does not return:
+# without it in the loss the model would never be taught to stop. A row cut off at max_new_tokens has none.
+
+def prompt_ids(tokenizer, sample, image_tokens, system):
+    """A sample's prompt: its conversation up to the last assistant answer (the solution), then the
+    generation prompt "<|im_start|>assistant\n". Returns (ids, solution)."""
+    messages = sample["messages"]
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise ValueError(f"{sample['where']}: GRPO needs a conversation ending with an assistant answer "
+                         "(the solution the rewards compare to)")
+    ids, _ = tokenizer.encode_chat(messages[:-1], image_tokens, add_generation_prompt=True, system=system)
+    return ids, messages[-1]["content"]
+
+
+@torch.no_grad()
+def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, max_new_tokens, temperature,
+            top_p=1.0, generator=None):
+    """Sample num_generations completions of each prompt in one batched generate call.
+
+    prompts: list of token-id lists; pixel_values: (sum of images_per_prompt, 3, H, W) in prompt order, or None.
+    Returns a batch dict for completion_logps: input_ids / attention_mask (B, T) prompt + completion, right-padded;
+    pixel_values with each prompt's images repeated G times; prompt_lengths (B,); completion_ids (B, C) and
+    completion_mask (B, C) (1 up to and including the first stop token, 0 after: mask_after_eos semantics);
+    completions: the token lists; stopped (B,) bool (False: cut off at max_new_tokens).
+    """
+    if temperature <= 0:
+        raise ValueError(f"GRPO samples its completions: temperature must be > 0, got {temperature}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    G = num_generations
+    rows = [p for p in prompts for _ in range(G)]
+    if pixel_values is not None and len(pixel_values):
+        blocks = pixel_values.split(list(images_per_prompt))        # one (n_img, 3, H, W) block per prompt
+        pixel_values = torch.cat([blk for blk in blocks for _ in range(G)])
+    cfg = model.cfg
+    stops = tuple(cfg.stop_token_ids)
+    # Stop generation on the end-of-turn token only. generate() drops the token it stopped on, so with two stop
+    # tokens we could not tell which one a row sampled, and its log-prob is what we train. A row that samples
+    # another stop token (<|endoftext|>) runs on and is cut just after it below: same samples, no guessing.
+    cfg.stop_token_ids = stops[:1]
+    try:
+        outs = model.generate(rows, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, generator=generator)
+    finally:
+        cfg.stop_token_ids = stops
+    completions, stopped = [], []
+    for out in outs:
+        first = next((i for i, t in enumerate(out) if t in stops), None)
+        if first is not None:                  # a secondary stop token: keep it, drop what came after
+            out = out[:first + 1]
+        elif len(out) < max_new_tokens:        # generate stopped on stops[0] and did not return it
+            out = out + [stops[0]]
+        completions.append(out)
+        stopped.append(out[-1] in stops)       # else cut off at max_new_tokens: no stop token to train
+    batch = completion_batch(rows, completions, cfg.pad_token_id)
+    batch.update(pixel_values=pixel_values, stopped=torch.tensor(stopped))
+    return batch
+
+
+def completion_batch(prompts, completions, pad_id):
+    """Token lists -> padded tensors (see rollout). The mask covers each completion's own tokens, stop included."""
+    B = len(prompts)
+    T = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    C = max(1, max(len(c) for c in completions))
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.bool)
+    completion_ids = torch.full((B, C), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros(B, C, dtype=torch.long)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[b, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        attention_mask[b, :len(p) + len(c)] = True
+        completion_ids[b, :len(c)] = torch.tensor(c, dtype=torch.long)
+        completion_mask[b, :len(c)] = 1
+    return dict(input_ids=input_ids, attention_mask=attention_mask, completion_ids=completion_ids,
+                completion_mask=completion_mask, prompt_lengths=torch.tensor([len(p) for p in prompts]),
+                completions=[list(c) for c in completions])
+
+
+def completion_logps(model, batch, temperature, with_entropy=False):
+    """Per-token log-probs of the completion tokens under `model`, at the sampling temperature: (B, C).
+
+    One forward pass over prompt + completion; logits only at the C positions that predict completion tokens
+    (position t predicts token t + 1), so the vocabulary projection skips the image and prompt tokens. The
+    log-prob is that of softmax(logits / T), the distribution the tokens were drawn from (before top-p).
+    Gradients flow unless called under torch.no_grad(). with_entropy also returns the entropy (B, C), detached.
+    Padding positions hold garbage; use batch["completion_mask"].
+    """
+    device = model.lm.embed_tokens.weight.device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    completion = batch["completion_ids"].to(device)                                 # (B, C)
+    pixel_values = batch["pixel_values"]
+    pixel_values = pixel_values.to(device) if pixel_values is not None and len(pixel_values) else None
+    x = model.embed(ids, pixel_values)                                              # (B, T, hidden)
+    h = model.lm.hidden_states(inputs_embeds=x, attention_mask=mask)                # (B, T, hidden)
+    B, T, D = h.shape
+    start = batch["prompt_lengths"].to(device)[:, None] - 1                         # (B, 1)
+    pos = (start + torch.arange(completion.shape[1], device=device)[None]).clamp(max=T - 1)  # (B, C)
+    h = h.gather(1, pos[..., None].expand(-1, -1, D))                               # (B, C, hidden)
+    logits = model.lm.logits(h).float() / temperature                               # (B, C, vocab)
+    logps = logits.gather(-1, completion[..., None]).squeeze(-1) - logits.logsumexp(-1)   # (B, C)
+    if not with_entropy:
+        return logps
+    with torch.no_grad():
+        return logps, entropy_from_logits(logits.detach())

@@ -1,0 +1,269 @@
+"""Stage 3: GRPO. The SFT model answers each question G times; reward functions score the answers; the model
+is pushed toward the answers that beat their siblings (nanovlm/grpo.py explains the loss, rewards.py the
+rewards, lora.py the adapters).
+
+Offline, on the embedded default (tiny model, synthetic OCR task, CPU), after train_sft.py:
+    python train_grpo.py                        # --init-from out/sft --data data/synthetic/ocr_train.jsonl
+    python train_grpo.py --lora-rank 8          # LoRA adapters on the LM; the reference model is free
+    python sample.py --ckpt out/grpo --image data/synthetic/images/val/ocr_000000.png \\
+        --prompt "What is the text in the image?"
+
+Real weights (GPUs), after stage 2:
+    torchrun --standalone --nproc_per_node=8 train_grpo.py --preset qwen2.5-0.5b-siglip --init-from out/sft \\
+        --data receipts.jsonl --reward-funcs ocr format --reward-weights 1 0.2 --beta 0.04 --out-dir out/grpo
+
+One step: every process takes its --batch-size prompts (x --grad-accum micro-batches) in the order of
+train_utils.batch_indices (exact on --resume), samples --num-generations completions of each, scores them,
+then makes --num-iterations optimizer updates on that rollout batch (after the first, the clip of the PPO
+ratio against the sampling policy's log-probs matters). Gradients are averaged over processes by hand (one
+all_reduce per update), what DDP does. The prompt is the conversation up to its last assistant answer, with
+the checkpoint's own chat template (its system prompt); the last answer is the solution the rewards see.
+
+Data: the SFT formats, the OCR jsonl {"query", "response", "image_path"} included; other columns (qtype, ...)
+reach the reward functions as keyword arguments. Your rewards: --reward-plugin my_rewards.py (rewards.py).
+The checkpoint in --out-dir is a plain VLM checkpoint (with LoRA: the merged weights). Every flag: --help
+"""
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from nanovlm import grpo, lora, rewards
+from nanovlm import train_utils as tu
+from nanovlm.data import load_data, load_image
+from nanovlm.evaluate import evaluate_answers, format_report
+from nanovlm.vlm_train import build_model, build_parser, make_vlm_optimizer, resolve_args, save_vlm_checkpoint
+
+
+def parse_args(argv=None):
+    p = build_parser(__doc__, stage="grpo")
+    a = p.add_argument
+    a("--reward-funcs", nargs="+", help=f"reward functions to sum (built in: {', '.join(rewards.REWARD_FUNCS)})")
+    a("--reward-weights", nargs="+", type=float, help="one weight per reward function (default: all 1)")
+    a("--reward-plugin", nargs="*", default=[], help=".py files defining more reward functions (rewards.py)")
+    a("--num-generations", type=int, help="completions sampled per prompt (the group size G)")
+    a("--num-iterations", type=int, default=1, help="optimizer updates per rollout batch (PPO epochs)")
+    a("--beta", type=float, default=0.0, help="weight of the KL penalty to the reference (SFT) model; 0: none")
+    a("--eps-low", type=float, default=0.2, help="clip the ratio below at 1 - eps_low")
+    a("--eps-high", type=float, default=0.2, help="clip the ratio above at 1 + eps_high (DAPO: 0.28)")
+    a("--loss-type", default="grpo", choices=grpo.LOSS_TYPES, help="how token losses are averaged (grpo.py)")
+    a("--scale-rewards", default="group", choices=["group", "batch", "none"], help="advantage = (r - mean) / std of")
+    a("--temperature", type=float, default=1.0, help="sampling temperature (the log-probs use the same)")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling")
+    a("--max-new-tokens", type=int, help="longest completion; longer ones are cut off (and get no stop token)")
+    a("--eval-answers", type=int, default=500, help="after training, greedy-answer this many --val-data samples")
+    args = resolve_args(p.parse_args(argv))
+    if not args.init_from:
+        raise SystemExit(f"--init-from is required with --preset {args.preset}: the SFT checkpoint to improve")
+    if args.num_generations < 2:
+        raise SystemExit("--num-generations must be >= 2: advantages compare completions of the same prompt")
+    if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
+        raise SystemExit(f"{len(args.reward_funcs)} --reward-funcs but {len(args.reward_weights)} --reward-weights")
+    for path in args.reward_plugin:
+        rewards.load_reward_plugin(path)
+    unknown = [r for r in args.reward_funcs if r not in rewards.REWARD_FUNCS]
+    if unknown:
+        raise SystemExit(f"unknown reward function(s) {unknown}; known: {sorted(rewards.REWARD_FUNCS)}")
+    return args
+
+
+def load_prompts(args, tok, cfg):
+    """The training samples and each prompt's length, checked up front: a prompt with its longest completion
+    must fit --max-length (never truncated: that would cut through image tokens or the question)."""
+    samples = load_data(args.data, args.image_root, seed=args.seed)
+    for s in samples:
+        if len(s["messages"]) < 2 or s["messages"][-1]["role"] != "assistant":
+            raise ValueError(f"{s['where']}: GRPO needs a conversation ending with an assistant answer (the solution)")
+    # chat_lengths counts without the generation prompt, which is always the same few tokens
+    gen = len(tok.encode("<|im_start|>assistant\n"))
+    lengths = [n + gen for n in tok.chat_lengths([s["messages"][:-1] for s in samples], cfg.image_tokens,
+                                                cfg.system_prompt)]
+    long = [(s["where"], n) for s, n in zip(samples, lengths) if n + args.max_new_tokens > args.max_length]
+    if long and not args.drop_long:
+        where, n = long[0]
+        raise ValueError(f"{len(long)} prompt(s) too long, first {where}: {n} tokens + --max-new-tokens "
+                         f"{args.max_new_tokens} > --max-length {args.max_length}. Raise --max-length or --drop-long.")
+    keep = {w for w, _ in long}
+    return [s for s in samples if s["where"] not in keep]
+
+
+def all_mean(values, dist):
+    """Mean of a list of floats over all processes (each may hold a different number)."""
+    t = torch.tensor([float(np.sum(values)), float(len(values))], dtype=torch.float64, device=dist.device)
+    if dist.ddp:
+        torch_dist.all_reduce(t)
+    return float(t[0] / t[1].clamp(min=1))
+
+
+def all_mean_std(values, dist):
+    mean = all_mean(values, dist)
+    return mean, all_mean([(v - mean) ** 2 for v in values], dist) ** 0.5
+
+
+def average_gradients(params, dist):
+    """DDP by hand: every process ends with the mean of all processes' gradients (one flat all_reduce)."""
+    if not dist.ddp:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch_dist.all_reduce(flat)
+    flat /= dist.world_size
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
+
+
+def sample_generator(args, step, micro, dist):
+    """The RNG for one micro-batch's sampling: a pure function of the seed, the step and the slice of the global
+    batch (numbered as in train_utils.batch_indices), so --resume draws the same completions an uninterrupted
+    run would have, and 2 processes x 1 micro-batch sample what 1 process x 2 micro-batches sample."""
+    seed = int(np.random.SeedSequence([args.seed, step, micro * dist.world_size + dist.rank]).generate_state(1)[0])
+    return torch.Generator(device=dist.device).manual_seed(seed)
+
+
+def make_rollout(model, tok, samples, idx, args, generator):
+    """Prompts idx -> rollout batch with rewards and advantages (grpo.rollout + rewards.combine_rewards)."""
+    cfg = model.cfg
+    chosen = [samples[i] for i in idx]
+    prompts, solutions, pixels, n_images = [], [], [], []
+    for s in chosen:
+        ids, solution = grpo.prompt_ids(tok, s, cfg.image_tokens, cfg.system_prompt)
+        prompts.append(ids)
+        solutions.append(solution)
+        pixels += [load_image(p, cfg.image_size, s["where"]) for p in s["images"]]
+        n_images.append(len(s["images"]))
+    device = model.lm.embed_tokens.weight.device
+    pixel_values = torch.stack(pixels).to(device) if pixels else None
+    batch = grpo.rollout(model, prompts, pixel_values, n_images, args.num_generations, args.max_new_tokens,
+                         args.temperature, args.top_p, generator)
+    G = args.num_generations
+    texts = [tok.decode(c[:-1] if stop else c, skip_special_tokens=True)
+             for c, stop in zip(batch["completions"], batch["stopped"].tolist())]
+    columns = {k: [s.get(k) for s in chosen for _ in range(G)] for k in {k for s in chosen for k in s} - {"messages"}}
+    total, per_fn = rewards.combine_rewards(args.reward_funcs, args.reward_weights, texts,
+                                            [x for x in solutions for _ in range(G)], **columns)
+    batch["rewards"] = torch.tensor(total)
+    batch["per_function"] = per_fn
+    batch["advantages"] = grpo.group_advantages(batch["rewards"], G, scale=args.scale_rewards)
+    batch["texts"] = texts
+    return batch
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist = tu.setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    out_dir = Path(args.out_dir)
+    model, tok = build_model(args, dist)   # --init-from: the SFT checkpoint, its tokenizer
+    if model.numeric is not None:
+        raise SystemExit(f"{args.init_from} has a numeric head; GRPO does not support it yet")
+    model.to(dist.device)
+    samples = load_prompts(args, tok, model.cfg)
+    opt = make_vlm_optimizer(model, args)   # adds the LoRA adapters when --lora-rank > 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    # The reference model is the starting point. With LoRA, when only adapters train, it is this very network
+    # with the adapters off; otherwise a frozen copy (taken before --resume loads the trained weights).
+    lora_only = lora.has_lora(model) and all(lora.is_adapter(n) for n, p in model.named_parameters() if p.requires_grad)
+    ref_model = None
+    if args.beta > 0 and not lora_only:
+        ref_model = lora.merge_lora(copy.deepcopy(model)).requires_grad_(False).eval()
+    start_step = 0
+    if args.resume:
+        start_step = lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)["step"]
+    ctx = tu.autocast_context(dist.device, args.dtype)
+    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
+    G, T = args.num_generations, args.temperature
+    if dist.is_main:
+        n_train = sum(p.numel() for p in params)
+        print(f"grpo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M "
+              f"trained{', LoRA' if lora.has_lora(model) else ''}), {len(samples)} prompts, "
+              f"{args.batch_size * args.grad_accum * dist.world_size} prompts x {G} completions per step, "
+              f"{dist.world_size} process(es)")
+
+    def ref_logps(batch):
+        if args.beta == 0:
+            return None
+        with torch.no_grad(), ctx:
+            if ref_model is not None:
+                return grpo.completion_logps(ref_model, batch, T)
+            with lora.adapters_disabled(model):
+                return grpo.completion_logps(model, batch, T)
+
+    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+               disable=not dist.is_main, desc="grpo")
+    for step in bar:
+        t0 = time.time()
+        lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps)
+        # 1. rollouts: this process's prompts, G completions each, scored
+        model.eval()
+        rollouts = []
+        for micro in range(args.grad_accum):
+            idx = tu.batch_indices(step, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
+                                   len(samples), args.seed)
+            with ctx:
+                b = make_rollout(model, tok, samples, idx, args,
+                                 sample_generator(args, step, micro, dist))
+                b["ref_logps"] = ref_logps(b)
+                with torch.no_grad():   # pi_old: needed only when the batch is reused for several updates
+                    b["old_logps"] = grpo.completion_logps(model, b, T) if args.num_iterations > 1 else None
+            rollouts.append(b)
+        n_tokens = torch.tensor(float(sum(int(b["completion_mask"].sum()) for b in rollouts)), device=dist.device)
+        if dist.ddp:
+            torch_dist.all_reduce(n_tokens)   # dapo divides by the tokens of the whole generation batch
+        # 2. updates: --num-iterations passes over the rollout batch, one optimizer step each
+        model.train()
+        stats = {}
+        for it in range(args.num_iterations):
+            for b in rollouts:
+                mask = b["completion_mask"].to(dist.device)
+                with ctx:
+                    logps, entropy = grpo.completion_logps(model, b, T, with_entropy=True)
+                    loss, m = grpo.grpo_loss(logps, b["old_logps"], b["ref_logps"], b["advantages"].to(dist.device),
+                                             mask, args.beta, args.eps_low, args.eps_high, args.loss_type,
+                                             args.max_new_tokens, n_tokens)
+                # dapo's loss is already a share of the global token count: sum it over micro-batches and
+                # processes; the others are means: average them (the gradient all_reduce averages processes).
+                (loss * (dist.world_size if args.loss_type == "dapo" else 1 / args.grad_accum)).backward()
+                m.update(loss=loss.item(), entropy=float(grpo.masked_mean(entropy, mask)))
+                for k, v in m.items():
+                    stats.setdefault(k, []).append(v)
+            average_gradients(params, dist)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            tu.check_finite(sum(stats["loss"]), step)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        # 3. metrics, averaged over processes
+        row = {k: all_mean(v, dist) for k, v in stats.items()}
+        row["reward"], row["reward_std"] = all_mean_std(torch.cat([b["rewards"] for b in rollouts]).tolist(), dist)
+        for name in args.reward_funcs:
+            row[f"reward_{name}"], row[f"reward_{name}_std"] = all_mean_std(
+                [x for b in rollouts for x in b["per_function"][name]], dist)
+        row["frac_zero_std_groups"] = all_mean([grpo.frac_zero_std_groups(b["rewards"], G) for b in rollouts], dist)
+        row["frac_truncated"] = all_mean([float(not s) for b in rollouts for s in b["stopped"].tolist()], dist)
+        row.update(lr=lr, grad_norm=float(grad_norm), step_time=time.time() - t0)
+        log.log(step, **row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['completion_length']:.1f}")
+        if dist.is_main and step % 10 == 0:
+            tqdm.write(f"step {step}: reward {row['reward']:.3f}  e.g. {rollouts[0]['texts'][0]!r}")
+        last = step == args.max_steps - 1 or step + 1 == args.stop_at_step
+        if (step + 1) % args.save_every == 0 or last:
+            save_vlm_checkpoint(out_dir, model, tok, opt, step + 1, args, dist)
+            log.plot(["reward"] + [f"reward_{n}" for n in args.reward_funcs], "reward.png", title="GRPO reward")
+        if step + 1 == args.stop_at_step:
+            break
+    model = lora.merge_lora(model).eval()   # what the checkpoint holds
+    if args.eval_answers and args.val_data and dist.is_main:
+        report = evaluate_answers(model, tok, load_data(args.val_data, args.image_root), limit=args.eval_answers,
+                                  max_new_tokens=args.max_new_tokens, show=5)
+        print(f"\nheld-out answers ({args.val_data}):\n{format_report(report)}")
+        print(f"\ncheckpoint: {out_dir}   try: python sample.py --ckpt {out_dir} --image IMAGE --prompt TEXT")
+    tu.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
