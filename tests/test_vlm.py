@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from nanovlm.projector import ProjectorConfig, pixel_shuffle
 from nanovlm.qwen2 import Qwen2Config
 from nanovlm.siglip import SiglipConfig
-from nanovlm.vlm import VLM, VLMConfig, sample_next
+from nanovlm.sampling import sample_next
+from nanovlm.vlm import VLM, VLMConfig
 
 IMG = 5  # image-pad id in these tests
 
