@@ -1,0 +1,141 @@
+"""Training utilities: schedule closed form, data order, optimizer groups, atomic checkpoints, exact resume."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from nanovlm import train_utils as tu
+from nanovlm.gpt import GPT, GPTConfig
+
+
+def test_lr_schedule_closed_form():
+    base, warm, total, r = 1.0, 10, 110, 0.1
+    assert tu.lr_at(0, total, base, warm, r) == pytest.approx(0.1)       # (0 + 1) / 10
+    assert tu.lr_at(4, total, base, warm, r) == pytest.approx(0.5)
+    assert tu.lr_at(10, total, base, warm, r) == pytest.approx(1.0)      # cosine starts at the peak
+    assert tu.lr_at(60, total, base, warm, r) == pytest.approx(0.55)     # halfway: 0.1 + 0.5 * 0.9
+    assert tu.lr_at(35, total, base, warm, r) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    assert tu.lr_at(110, total, base, warm, r) == pytest.approx(0.1)
+    assert tu.lr_at(500, total, base, warm, r) == pytest.approx(0.1)     # stays at the floor
+
+
+def test_batch_indices_epochs_and_ddp_equals_accumulation():
+    n, seed = 10, 7
+    # 1 process, batch 4: steps 0..4 read 20 samples = two full permutations of range(10)
+    stream = [i for s in range(5) for i in tu.batch_indices(s, 0, 0, 1, 4, 1, n, seed)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert stream[:10] != stream[10:]  # a new order each epoch
+    for step in range(4):
+        ddp = [tu.batch_indices(step, 0, r, 2, 3, 1, n, seed) for r in range(2)]     # 2 ranks x 1 micro
+        acc = [tu.batch_indices(step, m, 0, 1, 3, 2, n, seed) for m in range(2)]     # 1 rank x 2 micro
+        assert ddp == acc
+
+
+def test_optimizer_groups_decay_and_freezing():
+    emb, lin = torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4)
+    frozen = torch.nn.Linear(4, 4)
+    opt = tu.make_optimizer([("emb", emb.parameters(), 1e-3), ("lin", lin.parameters(), 2e-3),
+                             ("frozen", frozen.parameters(), 0.0)], weight_decay=0.1)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"emb", "lin", "lin_no_decay"}
+    assert groups["lin"]["params"] == [lin.weight] and groups["lin_no_decay"]["params"] == [lin.bias]
+    assert groups["lin"]["weight_decay"] == 0.1 and groups["lin_no_decay"]["weight_decay"] == 0.0
+    assert not frozen.weight.requires_grad and not frozen.bias.requires_grad
+    tu.set_lr(opt, 0, 100, warmup_steps=4)  # every group scaled from its own base lr
+    assert groups["emb"]["lr"] == pytest.approx(2.5e-4) and groups["lin"]["lr"] == pytest.approx(5e-4)
+
+
+def test_check_finite_names_the_step():
+    assert tu.check_finite(torch.tensor(1.5), 3) == 1.5
+    with pytest.raises(FloatingPointError, match="step 42"):
+        tu.check_finite(torch.tensor(float("nan")), 42)
+
+
+def _tiny():
+    return GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.2))
+
+
+def _train(model, opt, steps, data, seed=0):
+    for step in steps:
+        tu.set_lr(opt, step, 6, warmup_steps=2)
+        x = data[tu.batch_indices(step, 0, 0, 1, 4, 1, len(data), seed)]
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_resume_is_exact(tmp_path):
+    data = torch.randint(0, 20, (10, 8), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    ref = _tiny()
+    opt = tu.make_optimizer([("m", ref.parameters(), 1e-2)])
+    _train(ref, opt, range(6), data)
+
+    torch.manual_seed(0)
+    model = _tiny()
+    opt = tu.make_optimizer([("m", model.parameters(), 1e-2)])
+    _train(model, opt, range(3), data)
+    tu.save_checkpoint(tmp_path / "ck", model, {"model_type": "gpt"}, optimizer=opt, step=3)
+    torch.manual_seed(123)  # a fresh process: other weights, other RNG state
+    model2 = _tiny()
+    opt2 = tu.make_optimizer([("m", model2.parameters(), 1e-2)])
+    state = tu.load_checkpoint(tmp_path / "ck", model2, opt2)
+    assert state["step"] == 3
+    _train(model2, opt2, range(3, 6), data)
+    for (k, a), b in zip(ref.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k  # dropout masks and Adam moments continued exactly
+
+
+def test_checkpoint_swap_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last"
+    m = torch.nn.Linear(2, 2)
+    tu.save_checkpoint(path, m, {"model_type": "gpt", "step": 1}, files={"vocab.json": "{}"})
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    assert tu.read_config(path)["step"] == 1
+
+    # A crash while writing the new one leaves the old checkpoint intact.
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(tu, "save_model", boom)
+    with pytest.raises(RuntimeError):
+        tu.save_checkpoint(path, m, {"model_type": "gpt", "step": 2})
+    assert tu.read_config(path)["step"] == 1
+    monkeypatch.undo()
+
+    # A crash between the two renames: the old one was moved aside and is still found.
+    real_rename, calls = os.rename, []
+    def rename_then_crash(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise RuntimeError("power cut")
+        real_rename(src, dst)
+    monkeypatch.setattr(tu.os, "rename", rename_then_crash)
+    with pytest.raises(RuntimeError):
+        tu.save_checkpoint(path, m, {"model_type": "gpt", "step": 3})
+    monkeypatch.undo()
+    assert not path.exists() and tu.read_config(path)["step"] == 1
+
+    tu.save_checkpoint(path, m, {"model_type": "gpt", "step": 4})  # the next save cleans up
+    assert tu.read_config(path)["step"] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["last"]
+
+
+def test_metrics_logger_jsonl_plot_and_resume(tmp_path):
+    log = tu.MetricsLogger(tmp_path)
+    for s in (1, 2, 3):
+        log.log(s, loss=1.0 / s)
+    log.plot(["loss"], "loss.png")
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 1 / 3}]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    tu.MetricsLogger(tmp_path, resume_step=2)  # lines after the resumed step are from a lost run
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_throughput_formulas():
+    assert tu.flops_per_token(1000, 2, 8, 4) == 6 * 1000 + 12 * 2 * 8 * 4
+    assert tu.mfu(1e6, 1e6, "cpu") is None and tu.peak_flops("cpu") is None
