@@ -1,5 +1,11 @@
 """Generate from a checkpoint; the mode follows the checkpoint's config.json "model_type".
 
+VLM checkpoints (train_sft.py, train_pretrain.py, train_grpo.py):
+    python sample.py --ckpt out/sft --image data/synthetic/images/val/000001.png --prompt "Where is the yellow triangle?"
+    python sample.py --ckpt out/sft --image photo.jpg                          # chat about the image
+    python sample.py --ckpt out/sft --eval data/synthetic/sft_val.json          # exact match + text accuracy
+    python sample.py --ckpt out/sft --image chart.png --prompt "What is the total?" --temperature 0.7 --top-p 0.9
+
 GPT checkpoints (train_gpt.py):
     python sample.py --ckpt out/gpt/best --tokens "<IMG> c_1 c_40 ... </IMG> <CLS>"           # continue tokens
     python sample.py --ckpt out/gpt/best --tokens "<IMG>" --max-new-tokens 20 --temperature 0.8 --top-k 50
@@ -21,10 +27,18 @@ def get_args(argv=None):
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=1337, help="sampling seed")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus: the smallest set with this probability")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (GPT default 3)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (GPT default 3, VLM 64)")
+    # VLM mode
+    p.add_argument("--image", default=None, help="VLM: image file the prompt is about")
+    p.add_argument("--prompt", default=None, help="VLM: the question (none: interactive chat)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="VLM: > 1 discourages repeats")
+    p.add_argument("--eval", default=None, help="VLM: score answers on a dataset file (JSON/JSONL)")
+    p.add_argument("--image-root", default=None, help="VLM: image paths in --eval are relative to this")
+    p.add_argument("--limit", type=int, default=None, help="VLM: evaluate only the first N samples")
+    p.add_argument("--show", type=int, default=5, help="VLM: print this many evaluated answers")
     # GPT mode
     p.add_argument("--tokens", default=None, help="GPT: space-separated prompt tokens to continue")
     p.add_argument("--data", default=None, help="GPT: a .jsonl of sequences to classify (prints accuracy)")
@@ -72,6 +86,72 @@ def sample_gpt(args, device):
     print(" ".join(itos[i] for i in new[0].tolist()))
 
 
+def sample_vlm(args, device):
+    """Answer --prompt about --image (streamed as it is generated), chat, or score a dataset (--eval)."""
+    from nanovlm.data import load_data, load_image
+    from nanovlm.evaluate import evaluate_answers, format_report
+    from nanovlm.numeric import decode_numeric, parse_numbers
+    from nanovlm.tokenizer import IMAGE_TAG, Tokenizer
+    from nanovlm.vlm import VLM
+    ckpt = tu.checkpoint_dir(args.ckpt)
+    model = VLM.from_pretrained(ckpt, dtype="bfloat16" if str(device).startswith("cuda") else None).to(device)
+    tok = Tokenizer.from_dir(ckpt)
+    if args.eval:
+        samples = load_data(args.eval, args.image_root)
+        report = evaluate_answers(model, tok, samples, limit=args.limit, show=args.show)
+        print(f"{args.eval}, {min(args.limit or len(samples), len(samples))} samples:\n{format_report(report)}")
+        return
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    pixels = load_image(args.image, model.cfg.image_size, args.image)[None].to(device) if args.image else None
+    messages = []
+
+    def answer(prompt):
+        if pixels is not None and not messages and IMAGE_TAG not in prompt:
+            prompt = f"{IMAGE_TAG}\n{prompt}"   # the image goes before the first question
+        messages.append({"role": "user", "content": prompt})
+        history = [dict(m) for m in messages]
+        values = []
+        for m in history:   # numbers in the conversation become <num> + value when the model has the head
+            if model.numeric is not None:
+                m["content"], v = parse_numbers(m["content"], where="prompt")
+                values += v
+        ids, _ = tok.encode_chat(history, model.cfg.image_tokens, add_generation_prompt=True,
+                                 system=model.cfg.system_prompt)
+        new, printed = [], ""
+
+        def stream(row, token_id):
+            nonlocal printed
+            new.append(token_id)
+            text = tok.decode(new, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
+                print(text[len(printed):], end="", flush=True)
+                printed = text
+        out = model.generate([ids], pixels,
+                             max_new_tokens=args.max_new_tokens or 64, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                             generator=g, on_token=stream, num_values=values or None)
+        print(flush=True)
+        if model.numeric is not None:   # the head's values, rendered into the text as <num><v>
+            text, predictions = decode_numeric(tok, out[0][0], out[1][0])
+            print(f"numbers: {predictions}\nanswer: {text}")
+        else:
+            text = tok.decode(out[0], skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": text})
+
+    if args.prompt is not None:
+        answer(args.prompt)
+        return
+    print(f"chatting with {args.ckpt}{f' about {args.image}' if args.image else ''} (empty line or Ctrl-D quits)")
+    while True:
+        try:
+            prompt = input("> ").strip()
+        except EOFError:
+            break
+        if not prompt:
+            break
+        answer(prompt)
+
+
 def main(argv=None):
     args = get_args(argv)
     device = tu.setup_distributed(args.device).device  # single process: just picks the device
@@ -79,8 +159,10 @@ def main(argv=None):
     model_type = tu.read_config(args.ckpt).get("model_type")
     if model_type == "gpt":
         sample_gpt(args, device)
+    elif model_type == "vlm":
+        sample_vlm(args, device)
     else:
-        raise SystemExit(f"{args.ckpt}: unknown model_type {model_type!r} in config.json (known: gpt)")
+        raise SystemExit(f"{args.ckpt}: unknown model_type {model_type!r} in config.json (known: gpt, vlm)")
 
 
 if __name__ == "__main__":
