@@ -215,8 +215,8 @@ def entropy_from_logits(logits):
 # VLM.generate call with the KV cache (the prompt prefill is recomputed G times; prefix sharing would save
 # it, at the cost of a much less readable cache).
 #
-# The completion a row is trained on ends with its end-of-turn token, which generate() does not return:
-# without it in the loss the model would never be taught to stop. A row cut off at max_new_tokens has none.
+# The completion a row is trained on ends with its end-of-turn token (generate(include_stop=True)): without it
+# in the loss the model would never be taught to stop. A row cut off at max_new_tokens has none.
 
 def prompt_ids(tokenizer, sample, image_tokens, system):
     """A sample's prompt: its conversation up to the last assistant answer (the solution), then the
@@ -250,25 +250,11 @@ def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, ma
         blocks = pixel_values.split(list(images_per_prompt))        # one (n_img, 3, H, W) block per prompt
         pixel_values = torch.cat([blk for blk in blocks for _ in range(G)])
     cfg = model.cfg
-    stops = tuple(cfg.stop_token_ids)
-    # Stop generation on the end-of-turn token only. generate() drops the token it stopped on, so with two stop
-    # tokens we could not tell which one a row sampled, and its log-prob is what we train. A row that samples
-    # another stop token (<|endoftext|>) runs on and is cut just after it below: same samples, no guessing.
-    cfg.stop_token_ids = stops[:1]
-    try:
-        outs = model.generate(rows, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, generator=generator)
-    finally:
-        cfg.stop_token_ids = stops
-    completions, stopped = [], []
-    for out in outs:
-        first = next((i for i, t in enumerate(out) if t in stops), None)
-        if first is not None:                  # a secondary stop token: keep it, drop what came after
-            out = out[:first + 1]
-        elif len(out) < max_new_tokens:        # generate stopped on stops[0] and did not return it
-            out = out + [stops[0]]
-        completions.append(out)
-        stopped.append(out[-1] in stops)       # else cut off at max_new_tokens: no stop token to train
+    # include_stop: a row that stopped ends with the stop token it sampled, which is trained like any other
+    # token; a row cut off at max_new_tokens has none.
+    completions = model.generate(rows, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, generator=generator, include_stop=True)
+    stopped = [bool(c) and c[-1] in cfg.stop_token_ids for c in completions]
     batch = completion_batch(rows, completions, cfg.pad_token_id)
     batch.update(pixel_values=pixel_values, stopped=torch.tensor(stopped))
     return batch

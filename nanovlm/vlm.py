@@ -171,12 +171,12 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, pixel_values=None, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
-                 repetition_penalty=1.0, generator=None, on_token=None, num_values=None):
+                 repetition_penalty=1.0, generator=None, on_token=None, num_values=None, include_stop=False):
         """Sample continuations of a batch of prompts together, with a KV cache.
 
         prompts: list of token-id lists (lengths may differ; images as image-pad tokens, in order across the
         batch matching pixel_values). temperature 0 = greedy. Stops a row at any of cfg.stop_token_ids
-        (the stop token is not returned). on_token(row, token_id) is called as tokens are chosen (streaming).
+        (the stop token is returned only with include_stop=True). on_token(row, token_id) is called as tokens are chosen (streaming).
         Returns a list of new-token lists.
 
         With the numeric head: num_values holds the values of the prompts' <num> tokens (reading order, as in
@@ -206,7 +206,11 @@ class VLM(nn.Module):
         stops = torch.tensor(self.cfg.stop_token_ids, device=device)
         for _ in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)  # (B,)
-            done |= torch.isin(nxt, stops)
+            stopping = torch.isin(nxt, stops) & ~done
+            if include_stop:   # the row's stop token is part of its output (GRPO trains it: learning to stop)
+                for b in stopping.nonzero().flatten().tolist():
+                    out[b].append(int(nxt[b]))
+            done |= stopping
             if self.numeric is not None:   # the value of a <num> comes from the state that chose <num>
                 t_val = self.numeric.predict(h).float()                                       # (B,)
                 # Rounded to float32's ~7 significant digits, so the rendered text is short and exact.
