@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanovlm.attention import KVCache, attention
+from nanovlm.sampling import sample_next
 
 
 @dataclass
@@ -138,7 +139,7 @@ class GPT(nn.Module):
         logits = logits[torch.arange(B, device=idx.device), lengths - 1]                # (B, V) last real token
         out, done = [], torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)             # (B,)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator=generator)  # (B,) nanovlm/sampling.py
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
@@ -150,21 +151,3 @@ class GPT(nn.Module):
             logits = logits[:, -1]
         return torch.stack(out, 1)                                                      # (B, n_new)
 
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row from logits (B, V): greedy when temperature == 0, else top-k then nucleus (top-p)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                          # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose probability reaches top_p (always the first one).
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p   # mass before this token already reaches top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from nanovlm import codebook
-from nanovlm.gpt import GPT, GPTConfig, sample_next
+from nanovlm.gpt import GPT, GPTConfig
+from nanovlm.sampling import sample_next
 
 ROOT = Path(__file__).resolve().parents[1]
 
