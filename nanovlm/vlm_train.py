@@ -17,8 +17,8 @@ Every preset value is a flag default and can be overridden.
 """
 
 import argparse
+import functools
 import json
-import math
 import time
 from pathlib import Path
 
@@ -228,7 +228,8 @@ def batches(dataset, args, dist, start_step, pad_id):
                                        len(dataset), args.seed)
     workers = args.num_workers if args.num_workers >= 0 else (4 if "cuda" in str(dist.device) else 0)
     return torch.utils.data.DataLoader(dataset, batch_sampler=list(order()), num_workers=workers,
-                                       collate_fn=lambda b: collate(b, pad_id), pin_memory="cuda" in str(dist.device))
+                                       collate_fn=functools.partial(collate, pad_id=pad_id),  # picklable: workers
+                                       pin_memory="cuda" in str(dist.device))
 
 
 def to_device(batch, device):
