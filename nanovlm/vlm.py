@@ -78,6 +78,10 @@ class VLM(nn.Module):
         self.cfg = cfg
         self.vision = vision if vision is not None else SiglipViT(cfg.vision)
         self.projector = Projector(cfg.projector)
+        # Start the image tokens on the scale of the token embeddings (std 0.02, as the LM initialises them).
+        # PyTorch's default Linear init makes them ~15x larger: their residual stream then drowns what each
+        # layer adds, every image looks alike to the LM, and a model trained from scratch never learns to look.
+        self.projector.apply(Qwen2._init_weights)
         self.lm = lm if lm is not None else Qwen2(cfg.lm)
         self.numeric = Numeric(cfg.numeric) if cfg.numeric is not None else None
 
