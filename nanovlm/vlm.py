@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from nanovlm.attention import KVCache
 from nanovlm.numeric import Numeric, NumericConfig, numeric_loss
@@ -35,7 +35,7 @@ from nanovlm.projector import Projector, ProjectorConfig
 from nanovlm.qwen2 import Qwen2, Qwen2Config
 from nanovlm.sampling import sample_next
 from nanovlm.siglip import SiglipConfig, SiglipViT
-from nanovlm.weights import config_dtype, load_mapped, read_config
+from nanovlm.weights import config_dtype, load_mapped, read_config, read_safetensors
 
 
 @dataclass
@@ -260,13 +260,7 @@ class VLM(nn.Module):
             cfg.lm.attn_backend = cfg.vision.attn_backend = attn_backend
         with torch.device("meta"):
             model = cls(cfg)
-        path = ckpt_dir / "model.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing")
-        try:
-            tensors = load_file(path)
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+        tensors = read_safetensors(ckpt_dir)   # the same strict reader as the official checkpoints
         names = {k: k for k in model.state_dict()}
-        return load_mapped(model, tensors, names, path, dtype=config_dtype(dtype) or torch.float32).eval()
+        return load_mapped(model, tensors, names, ckpt_dir, dtype=config_dtype(dtype) or torch.float32).eval()
 
