@@ -68,6 +68,9 @@ def setup_distributed(device="auto"):
 
 def cleanup_distributed():
     if torch_dist.is_initialized():
+        # Wait for every rank first: rank 0 may still be evaluating or saving, and tearing down gloo while a
+        # peer is mid-work aborts the early rank ("terminate called without an active exception").
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
