@@ -19,6 +19,7 @@ Every preset value is a flag default and can be overridden.
 import argparse
 import functools
 import json
+import re
 import time
 from pathlib import Path
 
@@ -141,18 +142,24 @@ def resolve_args(args):
 
 
 def tiny_tokenizer(data_dir):
-    """A byte-level BPE trained on the synthetic corpus once and kept beside it."""
+    """A byte-level BPE trained on the synthetic corpus once and kept beside it.
+
+    Only the fixed language of the dataset (questions, captions, answer words) shapes the vocabulary, not the
+    random strings the model must read (the words and OCR strings drawn in images): trained on those, BPE
+    spends hundreds of merges on letter pairs ("QX", "KZ"), and reading a word becomes a guess among 500+
+    pair tokens seen a few times each instead of 23 letters seen thousands of times."""
     from nanovlm.tokenizer import train_tiny_tokenizer
     path = Path(data_dir) / "tokenizer.json"
     if path.exists():
         return Tokenizer.from_file(path)
     texts = []
-    for name in ("captions_train.json", "sft_train.json"):
-        for r in json.loads((Path(data_dir) / name).read_text()):
-            texts += [t["value"].replace("<image>", "") for t in r["conversations"]]
+    for r in json.loads((Path(data_dir) / "captions_train.json").read_text()):
+        texts += [re.sub(r'"[^"]*"', '""', t["value"].replace("<image>", "")) for t in r["conversations"]]
+    for r in json.loads((Path(data_dir) / "sft_train.json").read_text()):
+        texts += [t["value"].replace("<image>", "") for t in r["conversations"]
+                  if t["from"] == "human" or r.get("qtype") != "text"]
     for line in (Path(data_dir) / "ocr_train.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        texts += [r["query"], r["response"]]
+        texts.append(json.loads(line)["query"])
     tok = train_tiny_tokenizer(texts, TINY_VOCAB)
     tok.save(data_dir)
     return tok

@@ -101,3 +101,21 @@ def test_real_weights_preset_on_official_layout(tmp_path, data_dir):
     assert not torch.equal(s2.lm.layers[1].mlp.up_proj.weight, s1.lm.layers[1].mlp.up_proj.weight)
     assert not torch.equal(s2.projector.fc1.weight, s1.projector.fc1.weight)
     assert torch.equal(s2.vision.layers[0].fc1.weight, s1.vision.layers[0].fc1.weight)
+
+
+def test_tiny_tokenizer_reads_drawn_words_letter_by_letter(tmp_path):
+    """The words drawn in images are random: each must encode as its letters (a pair token like "QX" would be a
+    class seen a few times), while the dataset's fixed words stay single tokens."""
+    import json
+    from nanovlm.synthetic import generate
+    from nanovlm.vlm_train import tiny_tokenizer
+    generate(str(tmp_path), n_train=300, n_val=20, seed=0, image_size=32)
+    tok = tiny_tokenizer(str(tmp_path))
+    words = [r["conversations"][1]["value"] for r in json.loads((tmp_path / "sft_train.json").read_text())
+             if r["qtype"] == "text"]
+    ocr = [json.loads(line)["response"] for line in (tmp_path / "ocr_train.jsonl").read_text().splitlines()]
+    assert len(words) > 30
+    for w in words + ocr:
+        assert len(tok.tok.encode(w, add_special_tokens=False).ids) == len(w.encode("utf-8")), w  # one token per byte
+    for w in ["circle", " triangle", " purple", "What", " colour"]:
+        assert len(tok.tok.encode(w, add_special_tokens=False).ids) == 1, w
