@@ -46,8 +46,9 @@ from transformers import Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 from nanovlm.attention import KVCache  # noqa: E402
 from nanovlm.qwen2 import Qwen2  # noqa: E402
 from nanovlm.siglip import SiglipViT  # noqa: E402
+from nanovlm.weights import config_dtype  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = ["bf16", "bfloat16", "float32", "fp32"]
 BENCHES = ("qwen2-train", "qwen2-decode", "siglip")
 
 
@@ -56,7 +57,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES), help="which benchmarks to run")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter and activation dtype")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter and activation dtype")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of each side first")
@@ -105,8 +106,9 @@ def result(name, unit, work, t):
     return name, unit, work / wo, work / wt, ct / co
 
 
-def randomize_(model, seed, std=0.02):
-    """Every parameter random (biases and norm weights too, so nothing is trivially 0 or 1)."""
+def randomize(model, std=0.2, seed=0):
+    """Every parameter random, biases and norm weights too: the default init (bias 0, norm 1) hides bugs.
+    (The tests use it too, through tests/conftest.py.)"""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -130,7 +132,7 @@ def qwen2_pair(args, tmp, device, dtype):
     cfg = HFQwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=args.layers,
                         num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
                         max_position_embeddings=32768, tie_word_embeddings=True, attn_implementation="sdpa")
-    randomize_(Qwen2ForCausalLM(cfg), args.seed).save_pretrained(tmp)  # fp32 on disk
+    randomize(Qwen2ForCausalLM(cfg), std=0.02, seed=args.seed).save_pretrained(tmp)  # fp32 on disk
     # Both load the same directory in the benchmark dtype (as a user would: transformers keeps inv_freq in fp32).
     theirs = Qwen2ForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device)
     ours = Qwen2.from_pretrained(tmp, dtype=dtype).to(device)
@@ -215,7 +217,7 @@ def bench_siglip(args, tmp, device, dtype):
                              vision_use_head=False, attn_implementation="sdpa")
     # vision_use_head=False: SiglipVisionModel would otherwise also run the attention-pooling head (the
     # contrastive pooler), which our tower leaves out since a VLM uses every patch; we time the same work.
-    randomize_(SiglipVisionModel(cfg), args.seed).save_pretrained(tmp)
+    randomize(SiglipVisionModel(cfg), std=0.02, seed=args.seed).save_pretrained(tmp)
     theirs = SiglipVisionModel.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     ours = SiglipViT.from_pretrained(tmp, dtype=dtype).to(device)
     x = torch.randn(B, 3, 224, 224, generator=torch.Generator().manual_seed(args.seed)).to(device, dtype)
@@ -231,7 +233,7 @@ def bench_siglip(args, tmp, device, dtype):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), config_dtype(args.dtype)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     transformers.logging.set_verbosity_error()

@@ -33,6 +33,9 @@ import torch
 import torch.distributed as torch_dist
 from safetensors.torch import load_model, save_model
 
+from nanovlm import weights
+from nanovlm.weights import config_dtype
+
 # --------------------------------------------------------------------------------------------------------------
 # Distributed setup
 
@@ -95,7 +98,6 @@ def sync_context(model, sync):
 # --------------------------------------------------------------------------------------------------------------
 # Precision
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_dtype(device, dtype_name="auto"):
@@ -103,9 +105,7 @@ def resolve_dtype(device, dtype_name="auto"):
     if dtype_name == "auto":
         cuda = str(device).startswith("cuda")
         return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    if dtype_name not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype_name!r}; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype_name]
+    return config_dtype(dtype_name)   # "bf16" / "bfloat16" / ...; an unknown name is an error naming it
 
 
 def autocast_context(device, dtype_name="auto"):
@@ -289,7 +289,7 @@ def checkpoint_dir(path):
 
 
 def read_config(path):
-    return json.loads((checkpoint_dir(path) / "config.json").read_text())
+    return weights.read_config(checkpoint_dir(path))
 
 
 def load_checkpoint(path, model, optimizer=None, rank=0, device="cpu"):

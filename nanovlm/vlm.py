@@ -202,7 +202,12 @@ class VLM(nn.Module):
         x = self.embed(ids, pixel_values, num_values=num_values)
         h = self.lm.hidden_states(inputs_embeds=x, attention_mask=mask, cache=cache)           # (B, T, C)
         h = h[torch.arange(B, device=device), mask.sum(1) - 1]                               # (B, C) last real
-        logits = self.lm.logits(h)                                                           # (B, vocab)
+
+        def next_logits(h):   # (B, C) -> (B, vocab). An image-pad token is never an output: images come from
+            logits = self.lm.logits(h)   # pixels, and a sampled one would leave the text with an image too few
+            logits[:, self.cfg.image_token_id] = float("-inf")
+            return logits
+        logits = next_logits(h)
         seen = ids.masked_fill(~mask, -1)                     # tokens for the repetition penalty
         out = [[] for _ in range(B)]
         preds = [[] for _ in range(B)]
@@ -235,7 +240,7 @@ class VLM(nn.Module):
                 fed = torch.tensor(values, device=device)[is_num]
                 x = self.embed_values(x, nxt[:, None], fed)
             h = self.lm.hidden_states(inputs_embeds=x, cache=cache)[:, -1]                      # (B, C)
-            logits = self.lm.logits(h)
+            logits = next_logits(h)
         return out if self.numeric is None else (out, preds)
 
     # ---- checkpoints --------------------------------------------------------------------------------------

@@ -102,6 +102,29 @@ def test_stop_token_ends_a_row():
     assert m.generate([[1, 2], [1, 4, 6]], None, max_new_tokens=5) == [[], []]
 
 
+def test_generation_never_emits_an_image_pad():
+    """A sampled image-pad would leave the text one image short when the sequence is fed back (GRPO does)."""
+    m = tiny_vlm()
+    bias = torch.zeros(48)
+    bias[IMG] = 1e4   # the image-pad is everyone's favourite next token
+    m.lm.logits = lambda h: F.linear(h, m.lm.embed_tokens.weight) + bias
+    prompt = [1, 2, 7]
+    assert int(m(torch.tensor([prompt]))["logits"][0, -1].argmax()) == IMG   # unmasked, it would be chosen
+    out = m.generate([prompt], None, max_new_tokens=4)[0]
+    seq = list(prompt)   # reference: argmax of the full forward among all tokens but the image-pad
+    for _ in range(4):
+        logits = m(torch.tensor([seq]))["logits"][0, -1]
+        logits[IMG] = float("-inf")
+        seq.append(int(logits.argmax()))
+        if seq[-1] in m.cfg.stop_token_ids:
+            seq.pop()
+            break
+    assert IMG not in out and out == seq[len(prompt):]
+    sampled = m.generate([prompt] * 8, None, max_new_tokens=4, temperature=1.0,
+                         generator=torch.Generator().manual_seed(0))
+    assert all(IMG not in row for row in sampled)
+
+
 def test_sample_next_rules_by_hand():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
     assert int(sample_next(logits)) == 0                       # greedy

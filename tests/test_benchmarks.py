@@ -1,0 +1,34 @@
+"""The benchmarks run end to end (tiny budgets) and their scoring is right on hand-worked numbers."""
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import numeric_vs_digits  # noqa: E402
+
+
+def test_score_by_hand():
+    samples = [{"messages": [{"role": "assistant", "content": "<num><10>"}], "where": "a", "qtype": "chart_value"},
+               {"messages": [{"role": "assistant", "content": "<num><200>"}], "where": "b", "qtype": "chart_total"},
+               {"messages": [{"role": "assistant", "content": "<num><4>"}], "where": "c", "qtype": "chart_value"}]
+    r = numeric_vs_digits.score(samples, [10.4, 150.0, None])
+    # errors: |10.4 - 10| = 0.4 (4%, within 5%), |150 - 200| = 50 (25%), no answer for the third
+    assert r["all"]["n"] == 3 and r["all"]["answered"] == pytest.approx(2 / 3)
+    assert r["all"]["mae"] == pytest.approx(25.2) and r["all"]["acc_5pct"] == pytest.approx(1 / 3)
+    assert r["chart_value"]["mae"] == pytest.approx(0.4) and r["chart_value"]["acc_5pct"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_numeric_vs_digits_runs(tmp_path):
+    out = tmp_path / "out"
+    numeric_vs_digits.main(["--out-dir", str(out), "--data-dir", str(tmp_path / "data"), "--n-synthetic", "60",
+                            "--max-steps", "2", "--batch-size", "4", "--eval-charts", "6", "--device", "cpu"])
+    results = json.loads((out / "results.json").read_text())
+    for run in ("numeric", "digits", "blind"):
+        assert results[run]["report"]["all"]["n"] == 6
+    train = [r for r in json.loads((tmp_path / "data" / "charts_train.json").read_text())]
+    # the blind guess answers every question with a training median: always a number
+    assert results["blind"]["report"]["all"]["answered"] == 1.0 and len(train) == 60
