@@ -7,8 +7,9 @@
 
 then both answer the held-out charts greedily and we report, per question type and overall, the mean absolute
 error, the median relative error and the accuracy within 5% relative error, beside a blind guess (the median
-training answer of the question type, whatever the chart shows) that says how much either run reads the chart. An answer with no number counts as
-wrong (and is left out of the error averages; the "answered" column says how many had one).
+training answer of the question type, whatever the chart shows) that says how much either run reads the chart.
+An answer with no number counts as wrong (and is left out of the error averages; the "answered" column says
+how many had one).
 
     python benchmarks/numeric_vs_digits.py                       # full budget (tiny preset defaults)
     python benchmarks/numeric_vs_digits.py --max-steps 20 --n-synthetic 200 --eval-charts 32   # smoke test
@@ -127,7 +128,7 @@ def main(argv=None):
 
     results = {"args": vars(args)}
     for name, numeric in (("numeric", True), ("digits", False)):
-        model, tok, seconds = train_one(name, args, numeric)
+        model, tok, seconds = train_one(name, args, numeric)   # the first run generates the data if missing
         samples = load_data(f"{args.data_dir}/charts_val.json")[:args.eval_charts]
         results[name] = {"train_seconds": seconds, "report": score(samples, answer_values(model, tok, samples))}
     results["blind"] = {"report": score(samples, blind_guess(f"{args.data_dir}/charts_train.json", samples))}

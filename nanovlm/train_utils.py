@@ -34,7 +34,6 @@ import torch.distributed as torch_dist
 from safetensors.torch import load_model, save_model
 
 from nanovlm import weights
-from nanovlm.weights import config_dtype
 
 # --------------------------------------------------------------------------------------------------------------
 # Distributed setup
@@ -99,13 +98,12 @@ def sync_context(model, sync):
 # Precision
 
 
-
 def resolve_dtype(device, dtype_name="auto"):
     """"auto": bf16 on a CUDA GPU that supports it, else fp32 (CPU autocast is slow and rarely worth it)."""
     if dtype_name == "auto":
         cuda = str(device).startswith("cuda")
         return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    return config_dtype(dtype_name)   # "bf16" / "bfloat16" / ...; an unknown name is an error naming it
+    return weights.config_dtype(dtype_name)   # "bf16" / "bfloat16" / ...; an unknown name is an error naming it
 
 
 def autocast_context(device, dtype_name="auto"):
