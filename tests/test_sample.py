@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import sample
+from conftest import greedy_by_full_forward
 from nanovlm.projector import ProjectorConfig
 from nanovlm.qwen2 import Qwen2Config
 from nanovlm.siglip import SiglipConfig
@@ -31,16 +32,6 @@ def make_ckpt(path):
     return model, tok
 
 
-def greedy(model, ids, pixels, n):
-    seq = list(ids)
-    for _ in range(n):
-        nxt = int(model(torch.tensor([seq]), pixels)["logits"][0, -1].argmax())
-        if nxt in model.cfg.stop_token_ids:
-            break
-        seq.append(nxt)
-    return seq[len(ids):]
-
-
 def test_prompt_about_an_image_streams_the_greedy_answer(tmp_path, capsys):
     model, tok = make_ckpt(tmp_path / "ckpt")
     image = tmp_path / "img.png"
@@ -51,7 +42,7 @@ def test_prompt_about_an_image_streams_the_greedy_answer(tmp_path, capsys):
     from nanovlm.data import load_image
     ids, _ = tok.encode_chat([{"role": "user", "content": "<image>\nWhat colour is the circle?"}], 4,
                              add_generation_prompt=True, system=None)
-    tokens = greedy(model, ids, load_image(image, 32, "x")[None], 6)
+    tokens = greedy_by_full_forward(model, ids, load_image(image, 32, "x")[None], 6)
     assert len(tokens) == 6 and printed == tok.decode(tokens, skip_special_tokens=True) + "\n"
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import greedy_by_full_forward
 from nanovlm.projector import ProjectorConfig, pixel_shuffle
 from nanovlm.qwen2 import Qwen2Config
 from nanovlm.siglip import SiglipConfig
@@ -68,16 +69,6 @@ def test_loss_is_masked_next_token_cross_entropy():
     assert int(out["n_tokens"]) == 6
 
 
-def greedy_by_full_forward(m, prompt, pix, n):
-    seq = list(prompt)
-    for _ in range(n):
-        nxt = int(m(torch.tensor([seq]), pix)["logits"][0, -1].argmax())
-        if nxt in m.cfg.stop_token_ids:
-            break
-        seq.append(nxt)
-    return seq[len(prompt):]
-
-
 def test_batched_cached_generation_equals_full_forward():
     m = tiny_vlm(seed=1)
     pix = torch.randn(2, 3, 32, 32)
@@ -111,15 +102,7 @@ def test_generation_never_emits_an_image_pad():
     prompt = [1, 2, 7]
     assert int(m(torch.tensor([prompt]))["logits"][0, -1].argmax()) == IMG   # unmasked, it would be chosen
     out = m.generate([prompt], None, max_new_tokens=4)[0]
-    seq = list(prompt)   # reference: argmax of the full forward among all tokens but the image-pad
-    for _ in range(4):
-        logits = m(torch.tensor([seq]))["logits"][0, -1]
-        logits[IMG] = float("-inf")
-        seq.append(int(logits.argmax()))
-        if seq[-1] in m.cfg.stop_token_ids:
-            seq.pop()
-            break
-    assert IMG not in out and out == seq[len(prompt):]
+    assert IMG not in out and out == greedy_by_full_forward(m, prompt, None, 4)   # argmax among the others
     sampled = m.generate([prompt] * 8, None, max_new_tokens=4, temperature=1.0,
                          generator=torch.Generator().manual_seed(0))
     assert all(IMG not in row for row in sampled)
