@@ -20,10 +20,10 @@ Everything is written in the formats people already use, so the real loaders in 
       DONE.json                            written last, holds the parameters: a finished dataset
 
 Image paths are relative to out_dir. Generation is deterministic for a seed (same bytes every run)
-and fast (thousands of images per second: 64x64 PNGs drawn with PIL). Charts are drawn at the same
+and fast (about a thousand images per second: 96x96 PNGs drawn with PIL). Charts are drawn at the same
 --image-size as everything else: it is the model's input resolution (a bigger chart would only be shrunk
-back by the preprocessing), and the drawing is made to read at 64x64: thick bars, one labelled gridline at
-the axis top (10, 50, 100, 500 or 1000), values to 5% of the axis height.
+back by the preprocessing), and the drawing is made to read at 64 or 96 pixels: thick bars, one labelled
+gridline at the axis top (10, 50, 100, 500 or 1000), values to 5% of the axis height.
 
     python -m nanovlm.synthetic --out-dir data/synthetic --n-train 20000 --n-val 1000 --seed 0
 """
@@ -67,7 +67,7 @@ def font(size):
 
 
 def draw_text(image_size, text):
-    """Black text, centred, in the largest font that fits 90% of the width (legible at 64x64)."""
+    """Black text, centred, in the largest font that fits 90% of the width (legible at 64x64 and up)."""
     img = Image.new("RGB", (image_size, image_size), BACKGROUND)
     d = ImageDraw.Draw(img)
     size = image_size // 2
@@ -298,7 +298,7 @@ def generate_split(out_dir, split, n, seed, image_size):
     dump(f"charts_{split}.json", charts, False)
 
 
-def generate(out_dir, n_train=20000, n_val=1000, seed=0, image_size=64):
+def generate(out_dir, n_train=20000, n_val=1000, seed=0, image_size=96):
     params = dict(n_train=n_train, n_val=n_val, seed=seed, image_size=image_size)
     generate_split(out_dir, "train", n_train, seed, image_size)
     generate_split(out_dir, "val", n_val, seed, image_size)
@@ -307,7 +307,7 @@ def generate(out_dir, n_train=20000, n_val=1000, seed=0, image_size=64):
     return out_dir
 
 
-def ensure_synthetic(out_dir, n_train=20000, n_val=1000, seed=0, image_size=64):
+def ensure_synthetic(out_dir, n_train=20000, n_val=1000, seed=0, image_size=96):
     """Generate the dataset unless out_dir already holds a finished one with these parameters.
     Built in a temporary sibling folder and renamed into place, so an interrupted run never leaves a
     half dataset that looks done. Under DDP call it on rank 0 only, then barrier."""
@@ -334,7 +334,7 @@ if __name__ == "__main__":
                    "an SFT question, an OCR sample and a chart)")
     p.add_argument("--n-val", type=int, default=1000, help="validation images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64, help="square image side in pixels")
+    p.add_argument("--image-size", type=int, default=96, help="square image side in pixels")
     args = p.parse_args()
     if os.path.exists(args.out_dir):
         shutil.rmtree(args.out_dir)

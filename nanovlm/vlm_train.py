@@ -40,8 +40,9 @@ from nanovlm.weights import resolve_checkpoint
 SYNTHETIC = "data/synthetic"
 PRESETS = {
     "tiny": {
-        "common": dict(data_dir=SYNTHETIC, n_synthetic=20000, image_size=64, max_length=160, batch_size=32,
-                       grad_accum=1, warmup_steps=50, weight_decay=0.01, eval_every=250, save_every=500, system=None),
+        "common": dict(data_dir=SYNTHETIC, n_synthetic=20000, image_size=96, patch_size=16, max_length=160,
+                       batch_size=32, grad_accum=1, warmup_steps=50, weight_decay=0.01, eval_every=250, save_every=500,
+                       system=None),
         "pretrain": dict(data="{data_dir}/captions_train.json", val_data="{data_dir}/captions_val.json",
                          max_steps=1000, lr_vision=5e-4, lr_projector=5e-4, lr_lm=5e-4, out_dir="out/pretrain"),
         # lr 5e-4: at 2e-3 the patch embedding (a LayerNorm follows it) grows under Adam until the position
@@ -64,11 +65,12 @@ PRESETS = {
                      reward_funcs=["ocr", "format"], out_dir="out/grpo"),
     },
 }
-# The tiny model: ~2M parameters; 64x64 images, 8x8 patches -> 64 patches -> pixel shuffle 2 -> 16 tokens.
+# The tiny model: ~2M parameters; 96x96 images, 16x16 patches -> 6x6 patches -> pixel shuffle 2 -> 3x3 = 9 image
+# tokens, one per cell of the synthetic scenes' 3x3 grid. With 64x64 / 8x8 (16 tokens on a 4x4 grid, a cell spread
+# over up to 4 of them) the same budget read no drawn word right (README, "The embedded default").
 TINY_LM = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True)
-TINY_VISION = dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                   num_attention_heads=4)
+TINY_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
 TINY_VOCAB = 1024
 
 
@@ -92,6 +94,7 @@ def build_parser(doc, stage):
     a("--max-length", type=int, help="longest sample in tokens; longer ones are an error (see --drop-long)")
     a("--drop-long", action="store_true", help="drop (and count) samples longer than --max-length")
     a("--image-size", type=int)
+    a("--patch-size", type=int, help="tiny preset: the ViT's patch side in pixels (a pretrained tower has its own)")
     a("--lr-vision", type=float, help="0 freezes the vision tower")
     a("--lr-projector", type=float, help="0 freezes the projector")
     a("--lr-lm", type=float, help="0 freezes the language model")
@@ -125,6 +128,8 @@ def build_parser(doc, stage):
 def resolve_args(args):
     """Fill every flag left unset from the preset (common values, then the stage's)."""
     preset = PRESETS[args.preset]
+    if args.patch_size is not None and "patch_size" not in preset["common"]:
+        raise SystemExit(f"--patch-size is for the tiny preset; --preset {args.preset} uses its vision tower's own")
     for key, value in {**preset["common"], **preset[args.stage]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -180,7 +185,7 @@ def build_model(args, dist):
             tiny_tokenizer(args.data_dir)
         tu.barrier()
         tok = tiny_tokenizer(args.data_dir)
-        vision = dict(TINY_VISION, image_size=args.image_size)
+        vision = dict(TINY_VISION, image_size=args.image_size, patch_size=args.patch_size)
         cfg = VLMConfig(lm=Qwen2Config(vocab_size=len(tok), **TINY_LM), vision=SiglipConfig(**vision),
                         projector=ProjectorConfig(shuffle_factor=2), image_token_id=tok.image_pad,
                         stop_token_ids=(tok.im_end, tok.endoftext), pad_token_id=tok.endoftext)

@@ -119,3 +119,16 @@ def test_tiny_tokenizer_reads_drawn_words_letter_by_letter(tmp_path):
         assert len(tok.tok.encode(w, add_special_tokens=False).ids) == len(w.encode("utf-8")), w  # one token per byte
     for w in ["circle", " triangle", " purple", "What", " colour"]:
         assert len(tok.tok.encode(w, add_special_tokens=False).ids) == 1, w
+
+
+def test_tiny_preset_gives_one_image_token_per_scene_cell():
+    """The synthetic scenes put each shape in one cell of a 3x3 grid; the tiny preset's image tokens must tile
+    the image the same way (a token = patch_size * shuffle_factor pixels square), and only the tiny preset takes
+    --patch-size (a pretrained tower has its own)."""
+    from nanovlm.vlm_train import build_parser, resolve_args
+    args = resolve_args(build_parser("", "sft").parse_args([]))
+    token_side = args.patch_size * 2                       # pixel shuffle 2 merges 2x2 patches
+    assert args.image_size % token_side == 0 and args.image_size // token_side == 3
+    with pytest.raises(SystemExit, match="tiny preset"):
+        resolve_args(build_parser("", "sft").parse_args(["--preset", "qwen2.5-0.5b-siglip", "--patch-size", "8",
+                                                         "--data", "x.json"]))
