@@ -245,10 +245,11 @@ def test_synthetic_answers_match_drawing(syn):
             q = user["content"].removeprefix("<image>\n")
             assert answer["content"] == expected_answer(q, scenes[rel]), x["where"]
         pixels = np.asarray(Image.open(x["images"][0]))
-        assert pixels.shape == (64, 64, 3)
-        for o in scenes[rel]["objects"]:   # the drawn colour really is at the recorded centre
+        assert pixels.shape == (96, 96, 3)   # the default size: 3x3 cells of 32 px, one image token each
+        for o in scenes[rel]["objects"]:   # the drawn colour really is at the recorded centre, in the named cell
             cx, cy = o["center"]
             assert tuple(pixels[cy, cx]) == synthetic.COLOURS[o["colour"]]
+            assert synthetic.POSITIONS[cy // 32][cx // 32] == o["position"]
         if scenes[rel]["text"]:
             assert (pixels < 100).any()   # some dark (text) pixels
     assert max(len(x["messages"]) for x in sft) == 2 * synthetic.TRAIN_TURNS     # several questions per image
