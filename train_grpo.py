@@ -57,7 +57,8 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=1.0, help="sampling temperature (the log-probs use the same)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling")
     a("--max-new-tokens", type=int, help="longest completion; longer ones are cut off (and get no stop token)")
-    a("--eval-answers", type=int, default=500, help="after training, greedy-answer this many --val-data samples")
+    a("--eval-answers", type=int, default=500, help="greedy-answer this many --val-data samples before training, "
+      "every --eval-every steps and at the end (val_exact, val_text in metrics.jsonl; 0: never)")
     args = resolve_args(p.parse_args(argv))
     if not args.init_from:
         raise SystemExit(f"--init-from is required with --preset {args.preset}: the SFT checkpoint to improve")
@@ -74,8 +75,8 @@ def parse_args(argv=None):
 
 
 def load_prompts(args, tok, cfg):
-    """The training samples and each prompt's length, checked up front: a prompt with its longest completion
-    must fit --max-length (never truncated: that would cut through image tokens or the question)."""
+    """The training samples and their prompts' lengths in tokens, checked up front: a prompt with its longest
+    completion must fit --max-length (never truncated: that would cut through image tokens or the question)."""
     samples = load_data(args.data, args.image_root, seed=args.seed)
     for s in samples:
         if len(s["messages"]) < 2 or s["messages"][-1]["role"] != "assistant":
@@ -89,8 +90,11 @@ def load_prompts(args, tok, cfg):
         where, n = long[0]
         raise ValueError(f"{len(long)} prompt(s) too long, first {where}: {n} tokens + --max-new-tokens "
                          f"{args.max_new_tokens} > --max-length {args.max_length}. Raise --max-length or --drop-long.")
-    keep = {w for w, _ in long}
-    return [s for s in samples if s["where"] not in keep]
+    if long:
+        print(f"dropped {len(long)} of {len(samples)} prompts too long for --max-length {args.max_length} "
+              f"with --max-new-tokens {args.max_new_tokens}, first {long[0][0]} ({long[0][1]} tokens)")
+    keep = [n + args.max_new_tokens <= args.max_length for n in lengths]
+    return [s for s, k in zip(samples, keep) if k], [n for n, k in zip(lengths, keep) if k]
 
 
 def all_mean(values, dist):
@@ -163,7 +167,8 @@ def main(argv=None):
     if model.numeric is not None:
         raise SystemExit(f"{args.init_from} has a numeric head; GRPO does not support it yet")
     model.to(dist.device)
-    samples = load_prompts(args, tok, model.cfg)
+    samples, lengths = load_prompts(args, tok, model.cfg)
+    lengths = tuple(lengths) if args.group_by_length else None   # prompts of similar length: less padding
     opt = make_vlm_optimizer(model, args)   # adds the LoRA adapters when --lora-rank > 0
     params = [p for p in model.parameters() if p.requires_grad]
     # The reference model is the starting point. With LoRA, when only adapters train, it is this very network
@@ -194,6 +199,21 @@ def main(argv=None):
             with lora.adapters_disabled(model):
                 return grpo.completion_logps(model, batch, T)
 
+    val_samples = load_data(args.val_data, args.image_root) if args.val_data and args.eval_answers else None
+
+    def held_out(updates):
+        """Greedy answers to the held-out prompts after `updates` optimizer steps (main process), logged, so
+        the run's curve starts from the SFT model itself and uses the evaluation sample.py --eval uses."""
+        if not (val_samples and dist.is_main):
+            return None
+        report = evaluate_answers(model, tok, val_samples, limit=args.eval_answers,
+                                  max_new_tokens=args.max_new_tokens)
+        r = report["all"]
+        log.log(updates, val_exact=r["exact"], val_text=r["text"])
+        tqdm.write(f"held-out after {updates} steps: exact {r['exact']:.1%}, text {r['text']:.1%}")
+        return report
+
+    report = before = held_out(0) if start_step == 0 else None
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                disable=not dist.is_main, desc="grpo")
     for step in bar:
@@ -204,7 +224,7 @@ def main(argv=None):
         rollouts = []
         for micro in range(args.grad_accum):
             idx = tu.batch_indices(step, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
-                                   len(samples), args.seed)
+                                   len(samples), args.seed, lengths)
             with ctx:
                 b = make_rollout(model, tok, samples, idx, args,
                                  sample_generator(args, step, micro, dist))
@@ -251,16 +271,18 @@ def main(argv=None):
         if dist.is_main and step % 10 == 0:
             tqdm.write(f"step {step}: reward {row['reward']:.3f}  e.g. {rollouts[0]['texts'][0]!r}")
         last = step == args.max_steps - 1 or step + 1 == args.stop_at_step
+        if (step + 1) % args.eval_every == 0 or last:
+            report = held_out(step + 1)
         if (step + 1) % args.save_every == 0 or last:
             save_vlm_checkpoint(out_dir, model, tok, opt, step + 1, args, dist)
-            log.plot(["reward"] + [f"reward_{n}" for n in args.reward_funcs], "reward.png", title="GRPO reward")
+            log.plot(["reward"] + [f"reward_{n}" for n in args.reward_funcs] + ["val_text", "val_exact"], "reward.png",
+                     title="GRPO: training reward, held-out answers")
         if step + 1 == args.stop_at_step:
             break
-    model = lora.merge_lora(model).eval()   # what the checkpoint holds
-    if args.eval_answers and args.val_data and dist.is_main:
-        report = evaluate_answers(model, tok, load_data(args.val_data, args.image_root), limit=args.eval_answers,
-                                  max_new_tokens=args.max_new_tokens, show=5)
-        print(f"\nheld-out answers ({args.val_data}):\n{format_report(report)}")
+    if before is not None:
+        print(f"\nheld-out answers before GRPO ({args.val_data}):\n{format_report(before)}")
+    if report is not None:   # the evaluation after the last step
+        print(f"\nheld-out answers after GRPO:\n{format_report(report)}")
         print(f"\ncheckpoint: {out_dir}   try: python sample.py --ckpt {out_dir} --image IMAGE --prompt TEXT")
     tu.cleanup_distributed()
 

@@ -173,17 +173,36 @@ def check_finite(loss, step):
 # Data order: stateless, so resume is exact and DDP == gradient accumulation
 
 
+GROUP_WINDOW = 64   # length grouping sorts windows of this many global batches (HF's group_by_length uses 50)
+
+
 @functools.lru_cache(maxsize=4)
-def _epoch_permutation(n_samples, seed, epoch):
-    return np.random.default_rng([seed, epoch]).permutation(n_samples)
+def _epoch_order(n_samples, seed, epoch, global_batch=None, lengths=None):
+    """Epoch `epoch`'s order of the samples: a permutation seeded by (seed, epoch). With `lengths` (a tuple,
+    one token count per sample), samples of similar length share a batch, so little of a batch is padding: the
+    permutation is cut into windows of GROUP_WINDOW global batches, each window sorted by length and cut into
+    global batches, and the order of all those batches shuffled. Each sample still comes once per epoch."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n_samples)
+    if lengths is None:
+        return perm
+    lengths = np.asarray(lengths)
+    window = GROUP_WINDOW * global_batch
+    groups = []
+    for w in range(0, n_samples, window):
+        chunk = perm[w:w + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        groups += [chunk[i:i + global_batch] for i in range(0, len(chunk), global_batch)]
+    order = np.random.default_rng([seed, epoch, 1]).permutation(len(groups))
+    return np.concatenate([groups[i] for i in order])
 
 
-def batch_indices(step, micro_step, rank, world_size, micro_batch, accum, n_samples, seed):
+def batch_indices(step, micro_step, rank, world_size, micro_batch, accum, n_samples, seed, lengths=None):
     """Sample indices for one micro-batch.
 
     The samples form an infinite stream: epoch e is a permutation seeded by (seed, e). Optimizer step `step`
     consumes the next global batch of micro_batch * accum * world_size samples, and this call returns slice
     number micro_step * world_size + rank of it. So 2 ranks x 1 micro-step read what 1 rank x 2 micro-steps read.
+    lengths (a tuple of token counts, one per sample) groups samples of similar length (_epoch_order).
     """
     global_batch = micro_batch * accum * world_size
     start = step * global_batch + (micro_step * world_size + rank) * micro_batch
@@ -191,7 +210,8 @@ def batch_indices(step, micro_step, rank, world_size, micro_batch, accum, n_samp
     out = np.empty(micro_batch, dtype=np.int64)
     for epoch in np.unique(positions // n_samples):
         sel = positions // n_samples == epoch
-        out[sel] = _epoch_permutation(n_samples, seed, int(epoch))[positions[sel] % n_samples]
+        order = _epoch_order(n_samples, seed, int(epoch), global_batch if lengths else None, lengths)
+        out[sel] = order[positions[sel] % n_samples]
     return out.tolist()
 
 

@@ -8,6 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from nanovlm import grpo
+from nanovlm.data import load_data
+from nanovlm.evaluate import evaluate_answers
+from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import VLM
 from test_lora import tiny_vlm
 from test_train_vlm import run
@@ -106,14 +109,21 @@ def changed(a, b, prefix):
 
 @pytest.mark.slow
 def test_train_grpo_end_to_end(sft):
-    run(grpo_args(sft, "full"))
+    run(grpo_args(sft, "full", "--eval-answers", "4", "--eval-every", "1"))
     rows = [json.loads(line) for line in open(sft / "full" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [0, 1]
+    train, held_out = [r for r in rows if "reward" in r], [r for r in rows if "val_text" in r]
+    assert [r["step"] for r in train] == [0, 1]
     for key in ("reward", "reward_std", "reward_ocr", "reward_reward_length", "frac_zero_std_groups",
                 "clip_ratio_region", "completion_length", "entropy", "loss"):
-        assert key in rows[0], key
+        assert key in train[0], key
+    assert [r["step"] for r in held_out] == [0, 1, 2]               # before any update, then after each step
     assert os.path.exists(sft / "full" / "reward.png")
     model = VLM.from_pretrained(sft / "full")                       # a plain VLM checkpoint
+    samples = load_data(str(sft / "data" / "ocr_val.jsonl"))
+    for ckpt, row in ((sft / "sft", held_out[0]), (sft / "full", held_out[-1])):   # the curve's ends are these models
+        report = evaluate_answers(VLM.from_pretrained(ckpt), Tokenizer.from_dir(ckpt), samples, max_new_tokens=6,
+                                  limit=4)
+        assert report["all"]["text"] == pytest.approx(row["val_text"]), ckpt
     a, b = load_file(sft / "sft" / "model.safetensors"), load_file(sft / "full" / "model.safetensors")
     assert changed(a, b, "lm.") and not changed(a, b, "vision.") and not changed(a, b, "projector.")
     assert model.cfg.image_tokens == 9                             # the tiny preset: 96 px / 16 px patches, shuffle 2

@@ -34,6 +34,25 @@ def test_batch_indices_epochs_and_ddp_equals_accumulation():
         assert ddp == acc
 
 
+def test_batch_indices_grouped_by_length():
+    # Half the samples are short (20 tokens), half long (90), interleaved. Grouped, a batch of 4 holds one kind
+    # only (one window covers the epoch: 24 samples < GROUP_WINDOW batches), so it pads nothing.
+    n, seed = 24, 3
+    lengths = tuple(20 if i % 2 else 90 for i in range(n))
+    for epoch in range(2):
+        stream = [i for s in range(6 * epoch, 6 * epoch + 6) for i in tu.batch_indices(s, 0, 0, 1, 4, 1, n, seed,
+                                                                                         lengths)]
+        assert sorted(stream) == list(range(n))                       # still every sample once per epoch
+        batches = [{lengths[i] for i in stream[k:k + 4]} for k in range(0, n, 4)]
+        assert all(len(b) == 1 for b in batches) and batches.count({20}) == 3
+    plain = [{lengths[i] for i in tu.batch_indices(s, 0, 0, 1, 4, 1, n, seed)} for s in range(6)]
+    assert any(len(b) == 2 for b in plain)                            # ungrouped batches mix them
+    for step in range(4):                                             # DDP == accumulation holds grouped too
+        ddp = [tu.batch_indices(step, 0, r, 2, 3, 1, n, seed, lengths) for r in range(2)]
+        acc = [tu.batch_indices(step, m, 0, 1, 3, 2, n, seed, lengths) for m in range(2)]
+        assert ddp == acc
+
+
 def test_optimizer_groups_decay_and_freezing():
     emb, lin = torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4)
     frozen = torch.nn.Linear(4, 4)

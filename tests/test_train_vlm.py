@@ -132,3 +132,18 @@ def test_tiny_preset_gives_one_image_token_per_scene_cell():
     with pytest.raises(SystemExit, match="tiny preset"):
         resolve_args(build_parser("", "sft").parse_args(["--preset", "qwen2.5-0.5b-siglip", "--patch-size", "8",
                                                          "--data", "x.json"]))
+
+
+def test_tiny_sft_reads_scene_questions_and_ocr_strings_half_each(tmp_path):
+    """The default SFT mix: every scene conversation and every OCR string once (the GRPO stage starts from a
+    model that reads OCR strings, and the scene questions gained from it: README)."""
+    from nanovlm.data import load_data
+    from nanovlm.synthetic import generate
+    from nanovlm.vlm_train import build_parser, resolve_args
+    generate(str(tmp_path), n_train=30, n_val=4)
+    args = resolve_args(build_parser("", "sft").parse_args(["--data-dir", str(tmp_path)]))
+    samples = load_data(args.data, seed=0)
+    ocr = [s for s in samples if "ocr_train.jsonl" in s["where"]]
+    scenes = [s for s in samples if "sft_train.json" in s["where"]]
+    assert len(ocr) == len(scenes) == 30 and len(samples) == 60
+    assert len({s["where"] for s in samples}) == 60                      # no repeats
