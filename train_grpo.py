@@ -85,7 +85,8 @@ def load_prompts(args, tok, cfg):
     gen = len(tok.encode("<|im_start|>assistant\n"))
     lengths = [n + gen for n in tok.chat_lengths([s["messages"][:-1] for s in samples], cfg.image_tokens,
                                                 cfg.system_prompt)]
-    long = [(s["where"], n) for s, n in zip(samples, lengths) if n + args.max_new_tokens > args.max_length]
+    fits = [n + args.max_new_tokens <= args.max_length for n in lengths]
+    long = [(s["where"], n) for s, n, ok in zip(samples, lengths, fits) if not ok]
     if long and not args.drop_long:
         where, n = long[0]
         raise ValueError(f"{len(long)} prompt(s) too long, first {where}: {n} tokens + --max-new-tokens "
@@ -93,8 +94,7 @@ def load_prompts(args, tok, cfg):
     if long:
         print(f"dropped {len(long)} of {len(samples)} prompts too long for --max-length {args.max_length} "
               f"with --max-new-tokens {args.max_new_tokens}, first {long[0][0]} ({long[0][1]} tokens)")
-    keep = [n + args.max_new_tokens <= args.max_length for n in lengths]
-    return [s for s, k in zip(samples, keep) if k], [n for n, k in zip(lengths, keep) if k]
+    return [s for s, ok in zip(samples, fits) if ok], [n for n, ok in zip(lengths, fits) if ok]
 
 
 def all_mean(values, dist):
@@ -199,12 +199,14 @@ def main(argv=None):
             with lora.adapters_disabled(model):
                 return grpo.completion_logps(model, batch, T)
 
-    val_samples = load_data(args.val_data, args.image_root) if args.val_data and args.eval_answers else None
+    # only the main process evaluates, so only it reads the held-out file
+    val_samples = (load_data(args.val_data, args.image_root)
+                   if args.val_data and args.eval_answers and dist.is_main else None)
 
     def held_out(updates):
         """Greedy answers to the held-out prompts after `updates` optimizer steps (main process), logged, so
         the run's curve starts from the SFT model itself and uses the evaluation sample.py --eval uses."""
-        if not (val_samples and dist.is_main):
+        if not val_samples:
             return None
         report = evaluate_answers(model, tok, val_samples, limit=args.eval_answers,
                                   max_new_tokens=args.max_new_tokens)
