@@ -18,6 +18,11 @@ so padding is never attended to; any padding layout works (left or right). A que
 nothing (a pad query in left padding) is allowed to see itself, so no row is all -inf (softmax would be NaN);
 those rows are padding and their outputs are ignored by every caller.
 
+Packed samples. Several short samples can share one row to save the compute padding would waste:
+`segment_ids` (B, T) int numbers them, 1, 2, 3, ... along the row, 0 for padding, each sample's tokens
+contiguous. A token then sees only (earlier) tokens of its own sample: the score matrix is block-diagonal,
+so nothing leaks between samples packed together.
+
 KV cache. For decoding, keys and values of earlier tokens are kept in a pre-allocated KVCache, one slot per
 (row, position). Each row has its own length, so prompts of different lengths decode together: prompts are
 RIGHT-padded, the prefill writes every position, and `cache.advance(n_real)` sets each row's length to its
@@ -86,23 +91,27 @@ def resolve_backend(backend, q):
     return backend
 
 
-def attention(q, k, v, *, causal, backend="auto", key_padding_mask=None, cache=None, layer=None, scale=None):
+def attention(q, k, v, *, causal, backend="auto", key_padding_mask=None, segment_ids=None, cache=None, layer=None,
+              scale=None):
     """q: (B, T, Hq, D); k, v: (B, T_kv, Hkv, D). Returns (B, T, Hq, D).
 
     key_padding_mask: (B, T_kv) bool, True = real token (not combined with a cache: the cache tracks lengths).
+    segment_ids: (B, T) int, packed samples numbered 1, 2, ... along each row, 0 = padding (T_kv == T, no cache).
     cache, layer: decode with a KVCache; k, v are the new tokens' and are written into the cache first.
     """
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} kv heads")
-    if cache is not None and key_padding_mask is not None:
-        raise ValueError("with a KV cache, padding is given by cache lengths (right padding), not key_padding_mask")
+    if cache is not None and (key_padding_mask is not None or segment_ids is not None):
+        raise ValueError("with a KV cache, padding is given by cache lengths (right padding), not by masks")
+    if key_padding_mask is not None and segment_ids is not None:
+        raise ValueError("give key_padding_mask or segment_ids, not both (a 0/1 padding mask is one segment per row)")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     backend = resolve_backend(backend, q)
 
     if backend == "flash":
-        return _flash(q, k, v, causal, key_padding_mask, cache, layer, scale)
+        return _flash(q, k, v, causal, key_padding_mask, segment_ids, cache, layer, scale)
 
     # Build the boolean "may attend" mask (B, T, S), or None when plain causal / full attention suffices.
     mask = None
@@ -119,6 +128,14 @@ def attention(q, k, v, *, causal, backend="auto", key_padding_mask=None, cache=N
             mask = mask & torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         # A query always sees its own position (query i sits at key slot i + S - T): no all-masked rows.
         mask = mask | (torch.arange(S, device=q.device)[None, :] == torch.arange(T, device=q.device)[:, None] + S - T)
+    elif segment_ids is not None:
+        if k.shape[1] != T:
+            raise ValueError(f"segment_ids need queries and keys of the same length, got {T} and {k.shape[1]}")
+        # Block-diagonal: query and key in the same sample, and that sample is not padding.
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)  # (B, T, T)
+        if causal:
+            mask = mask & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = mask | torch.eye(T, dtype=torch.bool, device=q.device)  # pad queries see themselves: no NaN rows
     is_causal = causal and mask is None
 
     if backend == "sdpa":
@@ -146,23 +163,27 @@ def _math(q, k, v, mask, is_causal, scale):
     return torch.einsum("bhts,bshd->bthd", probs, v.float()).to(q.dtype)  # (B, T, Hq, D)
 
 
-def _flash(q, k, v, causal, key_padding_mask, cache, layer, scale):
+def _flash(q, k, v, causal, key_padding_mask, segment_ids, cache, layer, scale):
     """flash-attn 2, following its documented API (flash_attn_interface.py). GQA is native."""
     if cache is not None:
         # Appends k, v at cache_seqlens[b] in place and attends with bottom-right causal alignment.
         return flash_attn_with_kvcache(
             q, cache.k[layer], cache.v[layer], k=k, v=v,
             cache_seqlens=cache.lengths.to(torch.int32), softmax_scale=scale, causal=causal)
-    if key_padding_mask is None:
+    if key_padding_mask is None and segment_ids is None:
         return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
-    # Padding: pack the real tokens of every row into one sequence and tell flash where rows start.
+    # Padding or packed samples: put the real tokens of every sample one after another in one sequence and
+    # tell flash where each sample starts (a padding mask is one sample per row).
     B, T, Hq, D = q.shape
-    if key_padding_mask.shape[1] != T:
+    if k.shape[1] != T:
         raise ValueError("flash backend with padding needs queries and keys of the same length")
-    lens = key_padding_mask.sum(1, dtype=torch.int32)                     # (B,)
-    cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))                  # (B+1,)
-    idx = key_padding_mask.flatten().nonzero().squeeze(1)                  # (N_real,)
-    pack = lambda x: x.reshape(B * T, *x.shape[2:])[idx]                   # (N_real, H, D)
+    seg = key_padding_mask.long() if segment_ids is None else segment_ids.long()     # (B, T)
+    idx = (seg > 0).flatten().nonzero().squeeze(1)                                    # (N_real,)
+    # A sample is a run of one (row, segment) pair; the row number keeps equal ids of adjacent rows apart.
+    sample = (torch.arange(B, device=seg.device)[:, None] * (int(seg.max()) + 1) + seg).flatten()[idx]
+    lens = torch.unique_consecutive(sample, return_counts=True)[1].to(torch.int32)   # (N_samples,)
+    cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))                            # (N_samples + 1,)
+    pack = lambda x: x.reshape(B * T, *x.shape[2:])[idx]                             # (N_real, H, D)
     y = flash_attn_varlen_func(pack(q), pack(k), pack(v), cu, cu, int(lens.max()), int(lens.max()),
                                softmax_scale=scale, causal=causal)
     out = q.new_zeros(B * T, Hq, D)

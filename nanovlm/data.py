@@ -254,18 +254,52 @@ class VLMDataset(torch.utils.data.Dataset):
 
 
 def collate(batch, pad_id):
-    """Right-pad to the longest sample. Images of all samples are concatenated in order: the VLM fills
-    the image_pad slots of sample b with the next n_images[b] images."""
-    B, T = len(batch), max(len(b["input_ids"]) for b in batch)
+    """Right-pad to the longest sample, one sample per row. Images of all samples are concatenated in order:
+    the VLM fills the image_pad slots of sample b with the next n_images[b] images."""
+    out = _fill_rows(batch, [[i] for i in range(len(batch))], pad_id)
+    out["attention_mask"] = out["attention_mask"].bool()   # (B, T), True = real token
+    return out
+
+
+def pack(batch, pad_id, max_length):
+    """Like collate, but several samples share a row (up to max_length tokens) instead of each padding to the
+    longest: a batch of short and long samples then wastes little compute on padding. attention_mask numbers
+    the samples of a row 1, 2, 3, ... (0 = padding); the LM keeps them apart (block-diagonal attention,
+    positions restarting at each sample), so the loss and its gradient are those of the padded batch.
+    Rows are filled first-fit, longest sample first."""
+    rows, room = [], []
+    for i in sorted(range(len(batch)), key=lambda i: -len(batch[i]["input_ids"])):
+        n = len(batch[i]["input_ids"])
+        if n > max_length:
+            raise ValueError(f"{batch[i]['where']}: {n} tokens do not fit a packed row of max_length={max_length}")
+        r = next((r for r in range(len(rows)) if room[r] >= n), len(rows))   # the first row it fits, or a new one
+        if r == len(rows):
+            rows.append([])
+            room.append(max_length)
+        rows[r].append(i)
+        room[r] -= n
+    return _fill_rows(batch, rows, pad_id)
+
+
+def _fill_rows(batch, rows, pad_id):
+    """rows: lists of sample indices, each row's samples laid one after another. attention_mask (B, T) long
+    numbers them 1, 2, ... in their row, 0 = padding. Images and <num> values follow the reading order (row by
+    row, left to right), the order in which the VLM fills image-pad slots and <num> tokens."""
+    lengths = [sum(len(batch[i]["input_ids"]) for i in row) for row in rows]
+    B, T = len(rows), max(lengths)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.bool)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = b["input_ids"], b["labels"], True
-    pixel_values = torch.cat([b["pixel_values"] for b in batch])   # (sum n_img, 3, H, W), may be (0, 3, H, W)
-    n_images = torch.tensor([b["pixel_values"].shape[0] for b in batch], dtype=torch.long)
-    # Values of the <num> tokens, sample after sample: the reading order of the padded batch.
-    num_values = torch.cat([b.get("num_values", torch.zeros(0)) for b in batch])   # (sum n_num,)
-    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, pixel_values=pixel_values,
-                n_images=n_images, num_values=num_values, where=[b["where"] for b in batch])
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        t = 0
+        for k, i in enumerate(row):
+            n = len(batch[i]["input_ids"])
+            input_ids[r, t:t + n], labels[r, t:t + n] = batch[i]["input_ids"], batch[i]["labels"]
+            attention_mask[r, t:t + n] = k + 1
+            t += n
+    read = [batch[i] for row in rows for i in row]
+    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                pixel_values=torch.cat([b["pixel_values"] for b in read]),   # (sum n_img, 3, H, W), may be (0, 3, H, W)
+                n_images=torch.tensor([b["pixel_values"].shape[0] for b in read], dtype=torch.long),
+                num_values=torch.cat([b.get("num_values", torch.zeros(0)) for b in read]),   # (sum n_num,)
+                where=[b["where"] for b in read])

@@ -111,14 +111,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, key_padding_mask, cache, layer):
+    def forward(self, x, cos, sin, segment_ids, cache, layer):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)                   # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)                # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attention(q, k, v, causal=True, backend=self.cfg.attn_backend,
-                      key_padding_mask=key_padding_mask, cache=cache, layer=layer)  # (B, T, H, D)
+                      segment_ids=segment_ids, cache=cache, layer=layer)            # (B, T, H, D)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -141,8 +141,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, key_padding_mask=None, cache=None, layer=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, key_padding_mask, cache, layer)
+    def forward(self, x, cos, sin, segment_ids=None, cache=None, layer=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -168,28 +168,35 @@ class Qwen2(nn.Module):
         """Final normed hidden states (B, T, hidden).
 
         input_ids (B, T) or inputs_embeds (B, T, hidden) (the VLM splices image features into these).
-        attention_mask (B, T) bool/int, 1 = real token. Without a cache any padding works and positions
-        count real tokens only; with a cache, prompts must be right-padded and the cache advances by the
-        real count of each row (see nanovlm/attention.py).
+        attention_mask (B, T) bool/int: 0 = padding, otherwise the number of the sample a token belongs to --
+        1 (or True) for one sample per row, 1, 2, 3, ... for samples packed into a row (data.pack). A token sees
+        only its own sample, and positions count from 0 at each sample's first real token, so a packed row
+        computes what each sample would alone. With a cache, prompts must be right-padded (one per row) and the
+        cache advances by the real count of each row (see nanovlm/attention.py).
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
-        mask = None if attention_mask is None else attention_mask.bool()
+        seg = None if attention_mask is None else attention_mask.long()                  # (B, T)
         if position_ids is None:
             if cache is not None:
                 position_ids = cache.lengths[:, None] + torch.arange(T, device=x.device)[None]
-            elif mask is not None:
-                position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            elif seg is not None:
+                # Distance from the first token of the run this token is in (a sample, or a stretch of padding):
+                # what each sample would get alone (RoPE scores see only differences; this keeps rounding equal).
+                t = torch.arange(T, device=x.device)[None].expand(B, T)
+                starts = torch.ones_like(seg, dtype=torch.bool)
+                starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+                position_ids = t - torch.where(starts, t, 0).cummax(dim=1).values
             else:
                 position_ids = torch.arange(T, device=x.device)[None].expand(B, T)   # (B, T)
-        if cache is not None and mask is not None and (mask[:, 1:] & ~mask[:, :-1]).any():
-            raise ValueError("with a KV cache, prompts must be right-padded (attention_mask 1...1 0...0 per row)")
-        kpm = mask if cache is None and mask is not None and not mask.all() else None
+        if cache is not None and seg is not None and (((seg[:, 1:] > 0) & (seg[:, :-1] == 0)).any() or (seg > 1).any()):
+            raise ValueError("with a KV cache, prompts must be right-padded, one per row (attention_mask 1...1 0...0)")
+        segments = seg if cache is None and seg is not None and not (seg == 1).all() else None
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kpm, cache, i)
+            x = layer(x, cos, sin, segments, cache, i)
         if cache is not None:
-            cache.advance(T if mask is None else mask.sum(1))
+            cache.advance(T if seg is None else (seg > 0).sum(1))
         return self.norm(x)
 
     def logits(self, h):

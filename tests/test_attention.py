@@ -54,6 +54,25 @@ def test_padding_mask_left_and_right(backend):
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_segments_equal_each_sample_alone(backend, causal):
+    """Row 0 packs samples of 3, 2 and 1 tokens, row 1 one of 4 then padding: every sample's outputs equal
+    attention over that sample alone (nothing leaks between samples), and padding stays finite."""
+    q, k, v = qkv(B=2, T=6)
+    seg = torch.tensor([[1, 1, 1, 2, 2, 3], [1, 1, 1, 1, 0, 0]])
+    out = attention(q, k, v, causal=causal, backend=backend, segment_ids=seg)
+    assert torch.isfinite(out).all()
+    for b, spans in [(0, [(0, 3), (3, 5), (5, 6)]), (1, [(0, 4)])]:
+        for a, e in spans:
+            n = e - a
+            allowed = torch.ones(1, n, n, dtype=torch.bool)
+            ref = reference(q[b:b + 1, a:e], k[b:b + 1, a:e], v[b:b + 1, a:e], allowed.tril() if causal else allowed)
+            assert (out[b, a:e].double() - ref[0]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="not both"):
+        attention(q, k, v, causal=True, key_padding_mask=seg > 0, segment_ids=seg)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
 def test_kv_cache_ragged_batch_equals_full_attention(backend):
     """Prompts of lengths 5, 2, 4 right-padded to 5; prefill, then 3 decode steps; each row must equal
     plain causal attention over that row's own tokens."""
@@ -108,6 +127,11 @@ def test_flash_matches_sdpa_on_gpu(causal):
     a = attention(q, k, v, causal=causal, backend="flash", key_padding_mask=real)
     b = attention(q, k, v, causal=causal, backend="sdpa", key_padding_mask=real)
     assert (a[real].float() - b[real].float()).abs().max() < 2e-2
+    seg = torch.zeros(2, 64, dtype=torch.long, device="cuda")   # packed: 20 + 30 tokens, then padding; 64
+    seg[0, :20], seg[0, 20:50], seg[1] = 1, 2, 1
+    a = attention(q, k, v, causal=causal, backend="flash", segment_ids=seg)
+    b = attention(q, k, v, causal=causal, backend="sdpa", segment_ids=seg)
+    assert (a[seg > 0].float() - b[seg > 0].float()).abs().max() < 2e-2
 
 
 @cuda

@@ -31,3 +31,21 @@ def test_numeric_vs_digits_runs(tmp_path):
         assert results[run]["report"]["all"]["n"] == 6
     # the blind guess answers every question with a training median: always a number
     assert results["blind"]["report"]["all"]["answered"] == 1.0
+
+
+def test_bench_packing_runs_and_checks_it_computes_the_same(tmp_path, monkeypatch):
+    """End to end at a tiny budget; the benchmark itself refuses to time two sides that compute different
+    gradients -- shown by breaking packing's attention mask (samples sharing a row then see each other)."""
+    import bench_packing
+    from nanovlm import data
+    argv = ["--data-dir", str(tmp_path / "data"), "--n-synthetic", "40", "--batches", "1", "--batch-size", "8",
+            "--threads", "1"]
+    assert bench_packing.main(argv) > 0
+    fill = data._fill_rows
+    def leaky(batch, rows, pad_id):   # every sample of a row numbered 1: one long sample, no block-diagonal mask
+        out = fill(batch, rows, pad_id)
+        out["attention_mask"] = (out["attention_mask"] > 0).long()
+        return out
+    monkeypatch.setattr(data, "_fill_rows", leaky)
+    with pytest.raises(SystemExit, match="not comparable"):
+        bench_packing.main(argv)

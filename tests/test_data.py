@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from nanovlm import synthetic
-from nanovlm.data import VLMDataset, collate, load_data, load_dataset, parse_data_spec
+from nanovlm.data import VLMDataset, collate, load_data, load_dataset, pack, parse_data_spec
 from nanovlm.tokenizer import train_tiny_tokenizer
 
 
@@ -188,6 +188,30 @@ def test_collate_padding():
     assert torch.equal(out["pixel_values"], img) and out["where"] == ["a:1", "b:2", "c:3"]
     empty = collate(batch[1:2], pad_id=0)
     assert empty["pixel_values"].shape == (0, 3, 8, 8) and empty["n_images"].tolist() == [0]
+
+
+def test_pack_rows_by_hand():
+    """Lengths 5, 4, 3, 2 (samples a, b, c, d) into rows of 8, first fit, longest first: a -> row 0, b -> row 1,
+    c -> row 0 (full), d -> row 1. Images, <num> values and `where` follow the packed reading order a, c, b, d,
+    the order in which the VLM fills image-pad slots and <num> tokens."""
+    img = torch.randn(3, 3, 8, 8)
+    none = torch.zeros(0, 3, 8, 8)
+    batch = [dict(input_ids=torch.arange(1, 6), labels=torch.tensor([-100, -100, 3, 4, 5]), pixel_values=img[:1],
+                  where="a", num_values=torch.tensor([1.0, 2.0])),
+             dict(input_ids=torch.arange(11, 15), labels=torch.tensor([-100, -100, -100, 14]), pixel_values=img[1:2],
+                  where="b", num_values=torch.tensor([3.0])),
+             dict(input_ids=torch.arange(21, 24), labels=torch.tensor([-100, 22, 23]), pixel_values=img[2:],
+                  where="c", num_values=torch.tensor([4.0])),
+             dict(input_ids=torch.arange(31, 33), labels=torch.tensor([31, 32]), pixel_values=none, where="d")]
+    out = pack(batch, pad_id=0, max_length=8)
+    assert out["input_ids"].tolist() == [[1, 2, 3, 4, 5, 21, 22, 23], [11, 12, 13, 14, 31, 32, 0, 0]]
+    assert out["labels"].tolist() == [[-100, -100, 3, 4, 5, -100, 22, 23], [-100, -100, -100, 14, 31, 32, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 2, 2, 0, 0]]
+    assert out["where"] == ["a", "c", "b", "d"] and out["n_images"].tolist() == [1, 1, 1, 0]
+    assert torch.equal(out["pixel_values"], img[[0, 2, 1]]) and out["num_values"].tolist() == [1.0, 2.0, 4.0, 3.0]
+    with pytest.raises(ValueError, match="a: 5 tokens do not fit a packed row of max_length=4"):
+        pack(batch, pad_id=0, max_length=4)
+
 
 # -----------------------------------------------------------------------------
 # synthetic

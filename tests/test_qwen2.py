@@ -94,6 +94,26 @@ def test_left_padded_batch_matches_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_packed_row_matches_transformers_on_each_sample(tmp_path, backend):
+    """Samples of 5, 4 and 2 tokens packed into one row (attention_mask 1 1 1 1 1 2 2 2 2 3 3 0): each one's
+    logits equal transformers' on that sample alone, so positions restart and nothing leaks across."""
+    ref = make_reference(tmp_path, "gqa-tied")
+    ours = Qwen2.from_pretrained(tmp_path, attn_backend=backend)
+    samples = [ids(1, n, seed=i)[0] for i, n in enumerate([5, 4, 2])]
+    x = torch.cat(samples + [torch.zeros(1, dtype=torch.long)])[None]              # (1, 12)
+    seg = torch.tensor([[1] * 5 + [2] * 4 + [3] * 2 + [0]])
+    with torch.no_grad():
+        a = ours(x, attention_mask=seg)[0]
+        t = 0
+        for s in samples:
+            b = ref(s[None]).logits[0]
+            assert (a[t:t + len(s)] - b).abs().max() <= 1e-5
+            t += len(s)
+        with pytest.raises(ValueError, match="one per row"):
+            ours(x, attention_mask=seg, cache=KVCache(2, 1, 20, 2, 16))
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
 def test_kv_cache_decoding_matches_full_forward(tmp_path, backend):
     """Right-padded prompts of lengths 7, 3, 5 decode together; every step's logits equal a full forward
     of that row's unpadded sequence, and greedy tokens equal transformers' generate."""

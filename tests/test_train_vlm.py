@@ -129,6 +129,7 @@ def test_tiny_preset_gives_one_image_token_per_scene_cell():
     args = resolve_args(build_parser("", "sft").parse_args([]))
     token_side = args.patch_size * 2                       # pixel shuffle 2 merges 2x2 patches
     assert args.image_size % token_side == 0 and args.image_size // token_side == 3
+    assert args.pack and not resolve_args(build_parser("", "sft").parse_args(["--no-pack"])).pack
     with pytest.raises(SystemExit, match="tiny preset"):
         resolve_args(build_parser("", "sft").parse_args(["--preset", "qwen2.5-0.5b-siglip", "--patch-size", "8",
                                                          "--data", "x.json"]))

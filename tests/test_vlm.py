@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import greedy_by_full_forward
+from nanovlm.data import pack
 from nanovlm.projector import ProjectorConfig, pixel_shuffle
 from nanovlm.qwen2 import Qwen2Config
 from nanovlm.siglip import SiglipConfig
@@ -67,6 +68,35 @@ def test_loss_is_masked_next_token_cross_entropy():
     want = F.cross_entropy(logits[:, :-1].reshape(-1, 48), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(out["loss"], want, atol=1e-6)
     assert int(out["n_tokens"]) == 6
+
+
+def test_packed_batch_loss_and_gradients_equal_each_sample_alone():
+    """Three samples (two with an image, one text-only) packed into rows of 12 by data.pack: the loss is the
+    token-weighted mean of each sample's loss computed alone, unpadded, and so are the gradients."""
+    m = tiny_vlm().train()
+    pix = torch.randn(2, 3, 32, 32)
+    seqs = [[1, IMG, IMG, IMG, IMG, 8, 9, 10, 3], [1, 11, 12, 3], [1, IMG, IMG, IMG, IMG, 13, 3]]
+    first_label = [6, 2, 5]
+    items = []
+    for s, f, img in zip(seqs, first_label, [pix[:1], pix[:0], pix[1:]]):
+        ids = torch.tensor(s)
+        labels = torch.full_like(ids, -100)
+        labels[f:] = ids[f:]
+        items.append(dict(input_ids=ids, labels=labels, pixel_values=img, where="x"))
+    b = pack(items, pad_id=0, max_length=12)
+    assert b["input_ids"].shape == (2, 11) and b["attention_mask"].max() == 2   # 9 | 7 + 4 share a row
+    out = m(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
+    params = [p for p in m.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out["loss"], params, allow_unused=True)
+    total, n = 0.0, 0
+    for it in items:
+        o = m(it["input_ids"][None], it["pixel_values"], labels=it["labels"][None])
+        total, n = total + o["loss"] * o["n_tokens"], n + o["n_tokens"]
+    assert int(out["n_tokens"]) == n and torch.allclose(out["loss"], total / n, atol=1e-6)
+    want = torch.autograd.grad(total / n, params, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is not None and w.abs().max() > 1e-6:   # (attention key biases get only rounding noise)
+            assert (g - w).abs().max() <= 1e-5 * w.abs().max() + 1e-7
 
 
 def test_batched_cached_generation_equals_full_forward():
