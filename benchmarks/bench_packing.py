@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
+from nanovlm import train_utils as tu
 from nanovlm import vlm_train as vt
 from nanovlm.data import VLMDataset, collate, load_data, pack
 
@@ -42,11 +43,11 @@ def main(argv=None):
 
     train_args = vt.resolve_args(vt.build_parser("", "sft").parse_args(
         ["--data-dir", args.data_dir, "--n-synthetic", str(args.n_synthetic)]))
-    class Dist:
-        is_main, device, rank, world_size, ddp = True, torch.device("cpu"), 0, 1, False
-    model, tok = vt.build_model(train_args, Dist)   # generates the synthetic data first if it is not there
+    # build_model generates the synthetic data first if it is not there
+    model, tok = vt.build_model(train_args, tu.setup_distributed("cpu"))
     samples = load_data(train_args.data, seed=0)
-    ds = VLMDataset(samples, tok, model.cfg.image_size, model.cfg.image_tokens, args.max_length, system=None)
+    ds = VLMDataset(samples, tok, model.cfg.image_size, model.cfg.image_tokens, args.max_length,
+                    system=train_args.system)
     n_batches = args.batches + 2
     groups = [[ds[i * args.batch_size + j] for j in range(args.batch_size)] for i in range(n_batches)]
     sides = {"padded": [collate(g, tok.endoftext) for g in groups],

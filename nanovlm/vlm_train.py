@@ -41,8 +41,8 @@ SYNTHETIC = "data/synthetic"
 PRESETS = {
     "tiny": {
         "common": dict(data_dir=SYNTHETIC, n_synthetic=20000, image_size=96, patch_size=16, max_length=160,
-                       pack=True, batch_size=32, grad_accum=1, warmup_steps=50, weight_decay=0.01, eval_every=250, save_every=500,
-                       system=None),
+                       pack=True, batch_size=32, grad_accum=1, warmup_steps=50, weight_decay=0.01, eval_every=250,
+                       save_every=500, system=None),
         "pretrain": dict(data="{data_dir}/captions_train.json", val_data="{data_dir}/captions_val.json",
                          max_steps=1000, lr_vision=5e-4, lr_projector=5e-4, lr_lm=5e-4, out_dir="out/pretrain"),
         # lr 5e-4: at 2e-3 the patch embedding (a LayerNorm follows it) grows under Adam until the position
