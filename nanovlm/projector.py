@@ -4,10 +4,19 @@ SigLIP-224 gives 196 patch vectors (a 14 x 14 grid) of width 768. Feeding all 19
 pixel shuffle trades sequence length for width: each 2 x 2 block of neighbouring patches becomes one vector
 of 4 x 768, giving 49 tokens. No information is thrown away; it is a reshape. The MLP (Linear-GELU-Linear)
 then learns to map those vectors to something the LM reads like its own token embeddings.
+
+Slot embeddings (optional, `--slot-embedding`): a learned vector per output token, added after the MLP, so
+each image token says which place of the image it comes from. The ViT does add positions, but a from-scratch
+ViT's patch content outweighs them (a tiny model's occupied cells: <1% of a token's variance is its place), so
+"Where is the red circle?" has nothing to read back from the token that holds the circle. The LM's rotary
+positions do not fill the gap: they shape where attention looks, not what it brings back (values carry no
+position). On the tiny default they lift "Where is ...?" from ~30% to ~54% but cost colour and shape questions,
+so they are off by default (README, "The embedded default").
 """
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 
@@ -17,6 +26,8 @@ class ProjectorConfig:
     lm_hidden: int = 896
     shuffle_factor: int = 2        # 1 = no shuffle
     mlp_hidden: int = 0            # 0: lm_hidden
+    slot_embedding: bool = False   # add a learned vector per image token (its place in the image)
+    n_slots: int = 0               # image tokens per image (set by VLMConfig)
 
 
 def pixel_shuffle(x, factor):
@@ -39,7 +50,16 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(cfg.vision_hidden * cfg.shuffle_factor ** 2, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, cfg.lm_hidden)
+        # std 0.2: on the scale of the MLP's output once trained (~0.1-0.3 a channel), so the LM sees the place
+        # from the start. At 0.02 (the token embeddings' scale) the tiny model never picked it up (README).
+        self.slot_embed = nn.Parameter(0.2 * torch.randn(cfg.n_slots, cfg.lm_hidden)) if cfg.slot_embedding else None
 
     def forward(self, x):
         """(B, N, vision_hidden) -> (B, N / f^2, lm_hidden)"""
-        return self.fc2(self.act(self.fc1(pixel_shuffle(x, self.cfg.shuffle_factor))))
+        x = self.fc2(self.act(self.fc1(pixel_shuffle(x, self.cfg.shuffle_factor))))
+        if self.slot_embed is not None:
+            if x.shape[1] != self.cfg.n_slots:
+                raise ValueError(f"the projector has slot embeddings for {self.cfg.n_slots} image tokens, got "
+                                 f"{x.shape[1]}: images must be at the resolution the model was built for")
+            x = x + self.slot_embed.to(x.dtype)                                      # (B, N / f^2, lm_hidden)
+        return x

@@ -58,6 +58,7 @@ class VLMConfig:
         self.image_size = self.image_size or self.vision.image_size
         self.projector.vision_hidden = self.vision.hidden_size
         self.projector.lm_hidden = self.lm.hidden_size
+        self.projector.n_slots = self.image_tokens
         if isinstance(self.numeric, dict):
             self.numeric = NumericConfig(**self.numeric)
         if self.numeric is not None:

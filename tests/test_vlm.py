@@ -14,13 +14,14 @@ from nanovlm.vlm import VLM, VLMConfig
 IMG = 5  # image-pad id in these tests
 
 
-def tiny_vlm(seed=0):
+def tiny_vlm(seed=0, slot_embedding=False):
     torch.manual_seed(seed)
     cfg = VLMConfig(lm=Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2),
                     vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
                                         num_hidden_layers=2, num_attention_heads=4),
-                    projector=ProjectorConfig(shuffle_factor=2), image_token_id=IMG, stop_token_ids=(3,),
+                    projector=ProjectorConfig(shuffle_factor=2, slot_embedding=slot_embedding), image_token_id=IMG,
+                    stop_token_ids=(3,),
                     pad_token_id=0)
     return VLM(cfg).eval()
 
@@ -52,6 +53,29 @@ def test_image_tokens_and_splicing():
     assert torch.equal(x[keep], text[keep])
     with pytest.raises(ValueError, match="image tokens do not match images in sample.json:3"):
         m.embed(ids, pix[:1], where="sample.json:3")
+
+
+def test_slot_embedding_tells_identical_cells_apart():
+    m = tiny_vlm(slot_embedding=True)
+    assert m.projector.slot_embed.shape == (4, 32)            # one vector per image token, the LM's width
+    # An image whose four 16x16 quarters are the same picture: every quarter is patch-for-patch identical content.
+    quarter = torch.randn(3, 16, 16)
+    pix = quarter.repeat(1, 2, 2)[None]                        # (1, 3, 32, 32)
+    with torch.no_grad():
+        mlp = m.projector.fc2(m.projector.act(m.projector.fc1(pixel_shuffle(m.vision(pix), 2))))  # (1, 4, 32)
+        out = m.projector(m.vision(pix))
+    # by hand: token i = the MLP's output for cell i + slot vector i
+    assert torch.allclose(out[0], mlp[0] + m.projector.slot_embed, atol=1e-6)
+    with torch.no_grad():   # with the ViT's own positions zeroed, identical cells give identical MLP outputs ...
+        m.vision.embeddings.position_embedding.weight.zero_()
+        mlp = m.projector.fc2(m.projector.act(m.projector.fc1(pixel_shuffle(m.vision(pix), 2))))
+        out = m.projector(m.vision(pix))
+    assert torch.allclose(mlp[0, 0], mlp[0, 3], atol=1e-5)
+    # ... and only the slot embedding still tells them apart, by exactly the difference of the two slot vectors
+    assert torch.allclose(out[0, 3] - out[0, 0], m.projector.slot_embed[3] - m.projector.slot_embed[0], atol=1e-5)
+    with pytest.raises(ValueError, match="slot embeddings for 4 image tokens, got 16"):
+        m.projector(torch.zeros(1, 64, 24))                    # an 8x8 patch grid: 16 tokens
+    assert tiny_vlm().projector.slot_embed is None             # off by default (what official recipes use)
 
 
 def test_loss_is_masked_next_token_cross_entropy():
@@ -155,8 +179,9 @@ def test_sample_next_rules_by_hand():
     assert int(sample_next(torch.tensor([[1.6, 3.0, 0.0]]), repetition_penalty=2.0, seen=torch.tensor([[1]]))) == 0
 
 
-def test_save_and_load_round_trip(tmp_path):
-    m = tiny_vlm()
+@pytest.mark.parametrize("slot_embedding", [False, True])
+def test_save_and_load_round_trip(tmp_path, slot_embedding):
+    m = tiny_vlm(slot_embedding=slot_embedding)
     m.save_pretrained(tmp_path)
     again = VLM.from_pretrained(tmp_path)
     ids = torch.tensor([[1, IMG, IMG, IMG, IMG, 7]])
