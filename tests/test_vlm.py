@@ -21,8 +21,7 @@ def tiny_vlm(seed=0, slot_embedding=False):
                     vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
                                         num_hidden_layers=2, num_attention_heads=4),
                     projector=ProjectorConfig(shuffle_factor=2, slot_embedding=slot_embedding), image_token_id=IMG,
-                    stop_token_ids=(3,),
-                    pad_token_id=0)
+                    stop_token_ids=(3,), pad_token_id=0)
     return VLM(cfg).eval()
 
 
