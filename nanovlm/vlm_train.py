@@ -189,6 +189,7 @@ def build_model(args, dist):
     if args.init_from:
         ckpt = tu.checkpoint_dir(args.init_from)
         return VLM.from_pretrained(ckpt), Tokenizer.from_dir(ckpt)
+    projector = ProjectorConfig(shuffle_factor=2, slot_embedding=args.slot_embedding)   # new in either case
     if args.preset == "tiny":
         if dist.is_main:
             from nanovlm.synthetic import ensure_synthetic
@@ -199,13 +200,11 @@ def build_model(args, dist):
         tok = tiny_tokenizer(args.data_dir)
         vision = dict(TINY_VISION, image_size=args.image_size, patch_size=args.patch_size)
         cfg = VLMConfig(lm=Qwen2Config(vocab_size=len(tok), **TINY_LM), vision=SiglipConfig(**vision),
-                        projector=ProjectorConfig(shuffle_factor=2, slot_embedding=args.slot_embedding),
-                        image_token_id=tok.image_pad,
+                        projector=projector, image_token_id=tok.image_pad,
                         stop_token_ids=(tok.im_end, tok.endoftext), pad_token_id=tok.endoftext)
         torch.manual_seed(args.seed)
         return VLM(cfg), tok
     tok = Tokenizer.from_dir(resolve_checkpoint(args.lm))
-    projector = ProjectorConfig(shuffle_factor=2, slot_embedding=args.slot_embedding)
     model = VLM.from_backbones(args.lm, args.vision, projector,
                                image_token_id=tok.image_pad, stop_token_ids=(tok.im_end, tok.endoftext),
                                pad_token_id=tok.endoftext, image_size=args.image_size)

@@ -60,15 +60,15 @@ def test_slot_embedding_tells_identical_cells_apart():
     # An image whose four 16x16 quarters are the same picture: every quarter is patch-for-patch identical content.
     quarter = torch.randn(3, 16, 16)
     pix = quarter.repeat(1, 2, 2)[None]                        # (1, 3, 32, 32)
+    p = m.projector
+    mlp_only = lambda pix: p.fc2(p.act(p.fc1(pixel_shuffle(m.vision(pix), 2))))   # noqa: E731  (1, 4, 32)
     with torch.no_grad():
-        mlp = m.projector.fc2(m.projector.act(m.projector.fc1(pixel_shuffle(m.vision(pix), 2))))  # (1, 4, 32)
-        out = m.projector(m.vision(pix))
+        mlp, out = mlp_only(pix), p(m.vision(pix))
     # by hand: token i = the MLP's output for cell i + slot vector i
     assert torch.allclose(out[0], mlp[0] + m.projector.slot_embed, atol=1e-6)
     with torch.no_grad():   # with the ViT's own positions zeroed, identical cells give identical MLP outputs ...
         m.vision.embeddings.position_embedding.weight.zero_()
-        mlp = m.projector.fc2(m.projector.act(m.projector.fc1(pixel_shuffle(m.vision(pix), 2))))
-        out = m.projector(m.vision(pix))
+        mlp, out = mlp_only(pix), p(m.vision(pix))
     assert torch.allclose(mlp[0, 0], mlp[0, 3], atol=1e-5)
     # ... and only the slot embedding still tells them apart, by exactly the difference of the two slot vectors
     assert torch.allclose(out[0, 3] - out[0, 0], m.projector.slot_embed[3] - m.projector.slot_embed[0], atol=1e-5)
