@@ -34,6 +34,7 @@ import torch.distributed as torch_dist
 from safetensors.torch import load_model, save_model
 
 from nanovlm import weights
+from nanovlm.muon import Muon
 
 # --------------------------------------------------------------------------------------------------------------
 # Distributed setup
@@ -127,13 +128,16 @@ def lr_at(step, max_steps, base_lr, warmup_steps=0, min_lr_ratio=0.1):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (base_lr - min_lr)
 
 
-def make_optimizer(groups, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8):
-    """AdamW over named parameter groups [(name, params, lr), ...].
+def make_optimizer(groups, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, muon_params=()):
+    """AdamW over named parameter groups [(name, params, lr), ...]; with muon_params, Muon for those.
 
     A group with lr 0 is frozen: requires_grad=False and left out. Weight decay applies to matrices (>= 2-D:
     linear weights, token and position embeddings) and not to vectors (biases, norm gains), as in GPT-2/nanoGPT.
-    Every param group keeps "base_lr", so set_lr scales all groups by the same schedule.
+    muon_params (weight matrices, e.g. every nn.Linear weight) are updated by Muon at their group's lr, the
+    rest by AdamW, all in one nanovlm.muon.Muon optimizer. Every param group keeps "base_lr", so set_lr scales
+    all groups by the same schedule.
     """
+    muon_ids = {id(p) for p in muon_params}
     param_groups = []
     for name, params, lr in groups:
         params = list(params)
@@ -142,13 +146,19 @@ def make_optimizer(groups, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8):
                 p.requires_grad_(False)
             continue
         params = [p for p in params if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        for suffix, ps, wd in ((name, decay, weight_decay), (f"{name}_no_decay", no_decay, 0.0)):
+        matrices = [p for p in params if id(p) in muon_ids]
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in muon_ids]
+        no_decay = [p for p in params if p.dim() < 2 and id(p) not in muon_ids]
+        for suffix, ps, wd in ((f"{name}_muon", matrices, weight_decay), (name, decay, weight_decay),
+                               (f"{name}_no_decay", no_decay, 0.0)):
             if ps:
                 param_groups.append({"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd, "name": suffix})
+                if muon_ids:
+                    param_groups[-1]["muon"] = ps is matrices
     if not param_groups:
         raise ValueError("make_optimizer: no trainable parameters (every group has lr 0?)")
+    if muon_ids:
+        return Muon(param_groups, betas=betas, eps=eps)
     all_cuda = all(p.is_cuda for g in param_groups for p in g["params"])
     kwargs = {"fused": True} if all_cuda else {"foreach": True}  # one kernel for all params on GPU
     return torch.optim.AdamW(param_groups, betas=betas, eps=eps, **kwargs)

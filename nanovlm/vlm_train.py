@@ -10,7 +10,8 @@ their data and in which parts learn, so a stage is a column of defaults in PRESE
 Presets:
     tiny                  (default) everything from scratch on the synthetic dataset (generated on first use),
                           with a byte-level BPE trained on it: runs on a laptop CPU in minutes. Nothing is
-                          pretrained, so every part learns in both stages.
+                          pretrained, so every part learns in both stages; in SFT Muon trains the weight
+                          matrices (muon.py: on this preset it learnt ~2x faster than AdamW, README).
     qwen2.5-0.5b-siglip   Qwen/Qwen2.5-0.5B-Instruct + google/siglip-base-patch16-224 from the hub (or local
                           directories via --lm / --vision); --data is required.
 Every preset value is a flag default and can be overridden.
@@ -42,16 +43,18 @@ PRESETS = {
     "tiny": {
         "common": dict(data_dir=SYNTHETIC, n_synthetic=20000, image_size=96, patch_size=16, max_length=160,
                        pack=True, batch_size=32, grad_accum=1, warmup_steps=50, weight_decay=0.01, eval_every=250,
-                       save_every=500, system=None),
+                       save_every=500, system=None, optimizer="adamw"),
         "pretrain": dict(data="{data_dir}/captions_train.json", val_data="{data_dir}/captions_val.json",
                          max_steps=1000, lr_vision=5e-4, lr_projector=5e-4, lr_lm=5e-4, out_dir="out/pretrain"),
         # lr 5e-4: at 2e-3 the patch embedding (a LayerNorm follows it) grows under Adam until the position
         # embeddings drown, the ViT loses where things are, and answers stay at chance (README, status)
         # SFT reads the OCR strings too, half the samples: reading whole strings trains the ViT to see detail,
         # and the scene questions gain from it (README, "The embedded default")
+        # Muon for the weight matrices: the validation loss fell ~2x faster than with AdamW, so 2500 steps now
+        # do better than AdamW's 3000; at lr 3e-4 it trained more smoothly than at 5e-4 (README)
         "sft": dict(data=["{data_dir}/sft_train.json", "{data_dir}/ocr_train.jsonl:1"],
-                    val_data="{data_dir}/sft_val.json", max_steps=3000, lr_vision=5e-4, lr_projector=5e-4,
-                    lr_lm=5e-4, out_dir="out/sft"),
+                    val_data="{data_dir}/sft_val.json", max_steps=2500, lr_vision=3e-4, lr_projector=3e-4,
+                    lr_lm=3e-4, optimizer="muon", out_dir="out/sft"),
         # batch_size counts prompts here (each sampled num_generations times)
         "grpo": dict(init_from="out/sft", data="{data_dir}/ocr_train.jsonl", val_data="{data_dir}/ocr_val.jsonl",
                      max_steps=200, batch_size=8, warmup_steps=10, eval_every=25, save_every=50, lr_vision=0.0,
@@ -61,7 +64,7 @@ PRESETS = {
     "qwen2.5-0.5b-siglip": {
         "common": dict(lm="Qwen/Qwen2.5-0.5B-Instruct", vision="google/siglip-base-patch16-224", image_size=224,
                        max_length=1024, pack=True, batch_size=8, grad_accum=4, warmup_steps=100, weight_decay=0.0,
-                       eval_every=500, save_every=1000, system=DEFAULT_SYSTEM),
+                       eval_every=500, save_every=1000, system=DEFAULT_SYSTEM, optimizer="adamw"),
         "pretrain": dict(max_steps=5000, lr_vision=0.0, lr_projector=1e-3, lr_lm=0.0, out_dir="out/pretrain"),
         "sft": dict(max_steps=5000, lr_vision=0.0, lr_projector=1e-4, lr_lm=2e-5, out_dir="out/sft"),
         "grpo": dict(max_steps=1000, batch_size=4, grad_accum=1, warmup_steps=20, save_every=100, lr_vision=0.0,
@@ -107,6 +110,8 @@ def build_parser(doc, stage):
     a("--slot-embedding", action="store_true", help="a new projector adds a learned vector per image token, telling "
       "the LM where in the image the token comes from (projector.py; off: on the tiny default it lifted position "
       "questions 30%% -> 54%% but cost colour and shape; a checkpoint keeps its own)")
+    a("--optimizer", choices=["adamw", "muon"], help="muon: Muon for the linear layers' weight matrices, AdamW "
+      "for the rest (muon.py); adamw: AdamW for everything")
     a("--lr-vision", type=float, help="0 freezes the vision tower")
     a("--lr-projector", type=float, help="0 freezes the projector")
     a("--lr-lm", type=float, help="0 freezes the language model")
@@ -214,7 +219,7 @@ def build_model(args, dist):
 
 
 def make_vlm_optimizer(model, args):
-    """AdamW with one learning rate per part (0 freezes the part). With LoRA (--lora-rank) the adapters are
+    """AdamW, or Muon + AdamW (--optimizer muon), with one learning rate per part (0 freezes the part). With LoRA (--lora-rank) the adapters are
     added first and train at their part's rate; the rest of an adapted part is frozen (see lora.py)."""
     if args.lora_rank:
         for part in {t.split(".")[0] for t in args.lora_targets}:
@@ -222,11 +227,15 @@ def make_vlm_optimizer(model, args):
                 raise SystemExit(f"--lora-targets adapts {part!r} but --lr-{part} is 0: give it a learning rate")
         lora.apply_lora(model, args.lora_targets, args.lora_rank, args.lora_alpha, seed=args.seed)
     numeric = model.numeric is not None
+    # Muon (muon.py) for the weight matrices of every linear layer; the embeddings, the output head, the patch
+    # convolution, norms and biases (and the numeric head) stay on AdamW, as in modded-nanogpt and nanochat.
+    matrices = [m.weight for part in (model.vision, model.projector, model.lm) for name, m in part.named_modules()
+                if isinstance(m, torch.nn.Linear) and name != "lm_head"] if args.optimizer == "muon" else []
     return tu.make_optimizer([("vision", model.vision.parameters(), args.lr_vision),
                               ("projector", model.projector.parameters(), args.lr_projector),
                               ("lm", model.lm.parameters(), args.lr_lm)]
                              + ([("numeric", model.numeric.parameters(), args.numeric_lr)] if numeric else []),
-                             weight_decay=args.weight_decay)
+                             weight_decay=args.weight_decay, muon_params=matrices)
 
 
 def save_vlm_checkpoint(out_dir, model, tok, opt, step, args, dist):
