@@ -9,8 +9,9 @@ strings): `padded` pads every sample to the longest of its batch (data.collate),
 in each row of --max-length tokens with block-diagonal attention (data.pack). Before timing, the loss and the
 gradients of one batch are compared: packing changes how the batch is laid out, not what is computed.
 
-Timing: one full optimizer step (forward, backward, the preset's optimizer) per batch, warm-up steps first, then the sides
-alternate batch by batch so that drift (other processes, clock changes) hits both alike; medians are reported.
+Timing: one full optimizer step (forward, backward, the preset's optimizer) per batch, warm-up steps first, then
+the sides alternate batch by batch so that drift (other processes, clock changes) hits both alike; medians are
+reported.
 """
 
 import argparse

@@ -129,7 +129,7 @@ def main(argv=None):
     p.add_argument("--numeric-loss-weight", type=float, default=1.0, help="alpha in (a)")
     p.add_argument("--eval-charts", type=int, default=500, help="held-out charts to answer")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
-                   help="adamw: what README's figures were measured with (the tiny preset now uses muon)")
+                   help="adamw: what README's figures were measured with (the tiny SFT preset now uses muon)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -104,10 +104,11 @@ def test_merge_equals_unmerged_and_disabled_equals_base(tmp_path):
     assert torch.allclose(logits(VLM.from_pretrained(tmp_path)), adapted, atol=1e-5)
 
 
-def test_only_adapters_train():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_only_adapters_train(optimizer):
     model = tiny_vlm().train()
     args = argparse.Namespace(lora_rank=4, lora_alpha=None, lora_targets=["lm"], seed=0, lr_vision=0.0,
-                              lr_projector=0.0, lr_lm=1e-2, weight_decay=0.1)
+                              lr_projector=0.0, lr_lm=1e-2, weight_decay=0.1, optimizer=optimizer)
     opt = make_vlm_optimizer(model, args)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids, pix = inputs(model)
