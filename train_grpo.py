@@ -220,7 +220,7 @@ def main(argv=None):
                disable=not dist.is_main, desc="grpo")
     for step in bar:
         t0 = time.time()
-        lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps)
+        lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps, args.min_lr_ratio)
         # 1. rollouts: this process's prompts, G completions each, scored
         model.eval()
         rollouts = []

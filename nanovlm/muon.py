@@ -23,8 +23,9 @@ torch.optim.Muon, scales to 0.2 lr, the RMS they measured for AdamW's updates; s
 
 The update is the same on every DDP rank (gradients are averaged first), so each rank computes it on its own.
 The Newton-Schulz products run in float32: torch.optim.Muon runs them in bfloat16, which is fast on GPUs and
-slow on CPUs without bfloat16 units (a tiny-default step took 2.1 s with it against 0.29 s with this
-file, on a 2-core AMD EPYC).
+slow on CPUs without bfloat16 units (a tiny-default training step took 2.1 s with it against 0.29 s with
+float32 one matrix at a time, on a 2-core AMD EPYC; stacking same-shape matrices, as step() does, took the
+optimizer's part of the step from 74 to 54 ms).
 """
 
 import torch
@@ -33,16 +34,17 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(G, steps=5, eps=1e-7):
-    """(A, B) matrix -> approximately U V^T of its SVD G = U S V^T (singular values 0.68-1.2 instead of 1)."""
+    """(..., A, B) matrices -> approximately U V^T of each one's SVD G = U S V^T (singular values 0.68-1.2, not 1).
+    A stack of same-shape matrices goes through as one batched product: fewer, larger matmuls."""
     a, b, c = NS_COEFFICIENTS
-    X = G.float() / (G.norm() + eps)   # every singular value now <= 1, where the iteration converges
-    tall = X.shape[0] > X.shape[1]
+    X = G.float() / (G.norm(dim=(-2, -1), keepdim=True) + eps)   # every singular value now <= 1: converges
+    tall = X.size(-2) > X.size(-1)
     if tall:                           # iterate on the wide side: X X^T is the smaller square
-        X = X.T
+        X = X.mT
     for _ in range(steps):
-        A = X @ X.T                    # (min, min)
+        A = X @ X.mT                   # (..., min, min)
         X = a * X + (b * A + c * A @ A) @ X
-    return (X.T if tall else X).to(G.dtype)
+    return (X.mT if tall else X).to(G.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -60,22 +62,32 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        # Matrices of one shape are orthogonalised together (whatever their group: Newton-Schulz does not
+        # depend on lr): on the tiny default, 54 matrices in 4 shapes, that is 1.4x faster than one by one on a CPU.
+        by_shape = {}
         for g in self.param_groups:
-            (self._muon if g["muon"] else self._adamw)(g)
+            for p in g["params"] if g["muon"] else ():
+                if p.grad is not None:
+                    by_shape.setdefault((tuple(p.shape), g["ns_steps"]), []).append((p, g))
+        for pairs in by_shape.values():
+            self._muon(pairs)
+        for g in self.param_groups:
+            if not g["muon"]:
+                self._adamw(g)
 
-    def _muon(self, g):
-        for p in g["params"]:
-            if p.grad is None:
-                continue
+    def _muon(self, pairs):
+        """pairs: [(param, its group), ...], all params of one shape."""
+        for p, g in pairs:
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - g["momentum"])                # M = mu M + (1 - mu) G
-            update = p.grad.lerp(buf, g["momentum"])            # Nesterov: look ahead along the momentum
-            update = orthogonalize(update, g["ns_steps"])       # (A, B), RMS ~ 1 / sqrt(max(A, B))
+            state["momentum_buffer"].lerp_(p.grad, 1 - g["momentum"])              # M = mu M + (1 - mu) G
+        # Nesterov: look ahead along the momentum
+        update = torch.stack([p.grad.lerp(self.state[p]["momentum_buffer"], g["momentum"]) for p, g in pairs])
+        update = orthogonalize(update, pairs[0][1]["ns_steps"])  # (n, A, B), RMS ~ 1 / sqrt(max(A, B))
+        for (p, g), u in zip(pairs, update):
             p.mul_(1 - g["lr"] * g["weight_decay"])
-            p.add_(update, alpha=-g["lr"] * max(p.shape) ** 0.5)   # RMS of the step ~ lr
+            p.add_(u, alpha=-g["lr"] * max(p.shape) ** 0.5)     # RMS of the step ~ lr
 
     def _adamw(self, g):
         beta1, beta2 = g["betas"]

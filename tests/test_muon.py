@@ -7,38 +7,46 @@ from nanovlm import train_utils as tu
 from nanovlm.muon import NS_COEFFICIENTS, Muon, orthogonalize
 
 
-@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 24, 40)])   # the last: a stack, each on its own
 def test_orthogonalize_keeps_singular_vectors_and_maps_singular_values(shape):
     # Closed form: the iteration never touches U and V; each singular value s / ||G||_F goes through the scalar
     # polynomial x -> a x + b x^3 + c x^5 five times.
     G = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     O = orthogonalize(G)
-    inner = U.T @ O @ Vh.T                                  # diagonal if O = U diag(s') V^T
-    x = S / G.norm()
+    inner = U.mT @ O @ Vh.mT                                # diagonal if O = U diag(s') V^T
+    x = S / torch.linalg.matrix_norm(G)[..., None]           # each matrix by its own Frobenius norm
     a, b, c = NS_COEFFICIENTS
     for _ in range(5):
         x = a * x + b * x ** 3 + c * x ** 5
-    torch.testing.assert_close(inner, torch.diag(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(inner, torch.diag_embed(x), atol=1e-6, rtol=1e-6)
     assert x.min() > 0.68 and x.max() < 1.21                  # near-orthogonal: the step has every direction
 
 
 def test_muon_step_matches_torch_muon():
     # torch.optim.Muon with Moonshot's rule scales the update to RMS 0.2 lr; ours to RMS lr: same step at 5x lr.
-    # torch runs Newton-Schulz in bfloat16, hence the tolerance.
+    # torch runs Newton-Schulz in bfloat16, hence the tolerance. Three matrices, two of one shape in two groups
+    # with their own lr (orthogonalised as one stack), one of another: each must step as if alone.
     torch.manual_seed(0)
-    w0 = torch.randn(16, 48)
-    ours, ref = w0.clone().requires_grad_(), w0.clone().requires_grad_()
-    opt = Muon([{"params": [ours], "muon": True}], lr=1e-2)
-    ref_opt = torch.optim.Muon([ref], lr=5e-2, weight_decay=0.0, momentum=0.95, adjust_lr_fn="match_rms_adamw")
+    shapes, lrs = [(16, 48), (16, 48), (48, 16)], [1e-2, 3e-3, 1e-2]
+    w0 = [torch.randn(s) for s in shapes]
+    ours = [w.clone().requires_grad_() for w in w0]
+    refs = [w.clone().requires_grad_() for w in w0]
+    opt = Muon([{"params": [ours[0], ours[2]], "muon": True, "lr": 1e-2}, {"params": [ours[1]], "muon": True, "lr": 3e-3}])
+    ref_opts = [torch.optim.Muon([r], lr=5 * lr, weight_decay=0.0, momentum=0.95, adjust_lr_fn="match_rms_adamw")
+                for r, lr in zip(refs, lrs)]
     for step in range(3):
-        g = torch.randn(16, 48)
-        ours.grad, ref.grad = g.clone(), g.clone()
+        for o, r, s in zip(ours, refs, shapes):
+            g = torch.randn(s)
+            o.grad, r.grad = g.clone(), g.clone()
         opt.step()
-        ref_opt.step()
+        for ref_opt in ref_opts:
+            ref_opt.step()
         if step == 0:   # one step: singular values 0.68-1.2, so its RMS is that times lr
-            assert 0.68e-2 < (ours.detach() - w0).pow(2).mean().sqrt().item() < 1.2e-2
-    torch.testing.assert_close(ours.detach() - w0, ref.detach() - w0, atol=2e-3, rtol=0.05)
+            for o, w, lr in zip(ours, w0, lrs):
+                assert 0.68 * lr < (o.detach() - w).pow(2).mean().sqrt().item() < 1.2 * lr
+    for o, r, w, lr in zip(ours, refs, w0, lrs):
+        torch.testing.assert_close(o.detach() - w, r.detach() - w, atol=0.2 * lr, rtol=0.05)
 
 
 def test_muon_weight_decay_is_decoupled():
