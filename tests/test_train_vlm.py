@@ -135,9 +135,9 @@ def test_tiny_preset_gives_one_image_token_per_scene_cell():
                                                          "--data", "x.json"]))
 
 
-def test_tiny_sft_reads_scene_questions_and_ocr_strings_half_each(tmp_path):
-    """The default SFT mix: every scene conversation and every OCR string once (the GRPO stage starts from a
-    model that reads OCR strings, and the scene questions gained from it: README)."""
+def test_tiny_sft_mixes_scene_questions_and_ocr_strings_two_to_one(tmp_path):
+    """The default SFT mix: scene conversations and OCR strings 2:1 (the GRPO stage starts from a model that
+    reads OCR strings, the scene questions gained from them, and more from 2:1 than from 1:1: README)."""
     from nanovlm.data import load_data
     from nanovlm.synthetic import generate
     from nanovlm.vlm_train import build_parser, resolve_args
@@ -146,5 +146,6 @@ def test_tiny_sft_reads_scene_questions_and_ocr_strings_half_each(tmp_path):
     samples = load_data(args.data, seed=0)
     ocr = [s for s in samples if "ocr_train.jsonl" in s["where"]]
     scenes = [s for s in samples if "sft_train.json" in s["where"]]
-    assert len(ocr) == len(scenes) == 30 and len(samples) == 60
-    assert len({s["where"] for s in samples}) == 60                      # no repeats
+    # 60 samples in all, weights 1 : 0.5 -> 40 scene conversations (all 30, then 10 again) and 20 OCR strings
+    assert len(scenes) == 40 and len(ocr) == 20 and len(samples) == 60
+    assert len({s["where"] for s in scenes}) == 30 and len({s["where"] for s in ocr}) == 20
