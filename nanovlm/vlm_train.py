@@ -284,7 +284,6 @@ def to_device(batch, device):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate_loss(model, dataset, args, dist, pad_id, ctx):
     model.eval()
     make_batch = batch_maker(args, pad_id)

@@ -32,7 +32,8 @@ def test_muon_step_matches_torch_muon():
     w0 = [torch.randn(s) for s in shapes]
     ours = [w.clone().requires_grad_() for w in w0]
     refs = [w.clone().requires_grad_() for w in w0]
-    opt = Muon([{"params": [ours[0], ours[2]], "muon": True, "lr": 1e-2}, {"params": [ours[1]], "muon": True, "lr": 3e-3}])
+    opt = Muon([{"params": [ours[0], ours[2]], "muon": True, "lr": 1e-2},
+                {"params": [ours[1]], "muon": True, "lr": 3e-3}])
     ref_opts = [torch.optim.Muon([r], lr=5 * lr, weight_decay=0.0, momentum=0.95, adjust_lr_fn="match_rms_adamw")
                 for r, lr in zip(refs, lrs)]
     for step in range(3):
