@@ -4,6 +4,7 @@ VLM checkpoints (train_sft.py, train_pretrain.py, train_grpo.py):
     python sample.py --ckpt out/sft --image data/synthetic/images/val/000001.png --prompt "Where is the yellow triangle?"
     python sample.py --ckpt out/sft --image photo.jpg                          # chat about the image
     python sample.py --ckpt out/sft --eval data/synthetic/sft_val.json          # exact match + text accuracy
+    python sample.py --ckpt out/sft --eval data/synthetic/sft_val.json --num-samples 8 --temperature 1  # + pass@8
     python sample.py --ckpt out/sft --image chart.png --prompt "What is the total?" --temperature 0.7 --top-p 0.9
 
 GPT checkpoints (train_gpt.py):
@@ -39,6 +40,8 @@ def get_args(argv=None):
     p.add_argument("--image-root", default=None, help="VLM: image paths in --eval are relative to this")
     p.add_argument("--limit", type=int, default=None, help="VLM: evaluate only the first N samples")
     p.add_argument("--show", type=int, default=5, help="VLM: print this many evaluated answers")
+    p.add_argument("--num-samples", type=int, default=0, help="VLM: with --eval, also sample this many answers "
+                   "per question at --temperature (> 0) and report pass@k and their mean exact score")
     # GPT mode
     p.add_argument("--tokens", default=None, help="GPT: space-separated prompt tokens to continue")
     p.add_argument("--data", default=None, help="GPT: a .jsonl of sequences to classify (prints accuracy)")
@@ -97,8 +100,12 @@ def sample_vlm(args, device):
     model = VLM.from_pretrained(ckpt, dtype="bfloat16" if str(device).startswith("cuda") else None).to(device)
     tok = Tokenizer.from_dir(ckpt)
     if args.eval:
+        if args.num_samples and args.temperature <= 0:
+            raise SystemExit(f"--num-samples {args.num_samples} samples answers: give a --temperature > 0 (e.g. 1)")
         samples = load_data(args.eval, args.image_root)
-        report = evaluate_answers(model, tok, samples, limit=args.limit, show=args.show)
+        report = evaluate_answers(model, tok, samples, limit=args.limit, show=args.show, num_samples=args.num_samples,
+                                  temperature=args.temperature, top_p=args.top_p or 1.0,
+                                  generator=torch.Generator(device=device).manual_seed(args.seed))
         print(f"{args.eval}, {min(args.limit or len(samples), len(samples))} samples:\n{format_report(report)}")
         return
     g = torch.Generator(device=device).manual_seed(args.seed)

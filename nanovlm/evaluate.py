@@ -9,6 +9,12 @@ sample, averaged per question type (the sample's "qtype" column, "all" when abse
   text   1 - edit distance / max(len) (rewards.text_accuracy): partial credit for a nearly right string
 Numbers written <num><v> are fed to a model with the numeric head as values (its answers are rendered back to
 <num><v>), and to a model without one as the plain digits it was trained on.
+
+With num_samples=k the model also samples k answers to each question (at `temperature`), and the report adds
+  pass@k   some sampled answer is exact
+  sampled  the mean exact score of the sampled answers
+the headroom reinforcement learning (train_grpo.py) has: GRPO learns only from questions where the k answers
+differ, and at best moves the greedy answer toward pass@k.
 """
 
 from collections import defaultdict
@@ -22,58 +28,87 @@ from nanovlm.rewards import text_accuracy
 
 
 @torch.no_grad()
-def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32, limit=None, show=0):
+def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32, limit=None, show=0,
+                     num_samples=0, temperature=1.0, top_p=1.0, generator=None):
     """Greedy answers to every sample's final assistant turn, with the chat template and image size the model
-    was trained with (model.cfg). Returns {qtype: {"n", "exact", "text"}} plus "all"."""
+    was trained with (model.cfg). Returns {qtype: {"n", "exact", "text"}} plus "all"; with num_samples = k > 0
+    each also has "pass@k" and "sampled" (module docstring)."""
+    if num_samples and temperature <= 0:
+        raise ValueError(f"num_samples={num_samples} samples answers: temperature must be > 0, got {temperature}")
     model.eval()
     image_size, system = model.cfg.image_size, model.cfg.system_prompt
     device = next(model.parameters()).device
     samples = samples[:limit] if limit else samples
-    scores = defaultdict(lambda: {"n": 0, "exact": 0.0, "text": 0.0})
+    scores = defaultdict(lambda: {"n": 0, "exact": 0.0, "text": 0.0, "pass": 0.0, "sampled": 0.0})
     shown = 0
     for i in tqdm(range(0, len(samples), batch_size), desc="evaluate", unit="batch", leave=False):
         chunk = samples[i:i + batch_size]
-        prompts, pixels, refs, values = [], [], [], []
+        prompts, pixels, refs, values, n_images = [], [], [], [], []
         numeric = getattr(model, "numeric", None) is not None
         for s in chunk:
             if not s["messages"] or s["messages"][-1]["role"] != "assistant":
                 raise ValueError(f"{s['where']}: evaluation needs a conversation ending with an assistant answer")
-            messages = []
+            messages, sample_values = [], []
             for m in s["messages"][:-1]:
                 if numeric:   # values beside <num> tokens, as in training; else plain digits
                     text, v = parse_numbers(m["content"], s["where"])
                 else:
                     text, v = strip_numbers(m["content"], s["where"]), []
                 messages.append({**m, "content": text})
-                values += v
+                sample_values += v
             ids, _ = tokenizer.encode_chat(messages, model.cfg.image_tokens, add_generation_prompt=True,
                                            system=system)
             prompts.append(ids)
+            values.append(sample_values)
             pixels += [load_image(p, image_size, s["where"]) for p in s["images"]]
+            n_images.append(len(s["images"]))
             ref = s["messages"][-1]["content"].strip()
             refs.append(ref if numeric else strip_numbers(ref, s["where"]))
         pixel_values = torch.stack(pixels).to(device) if pixels else None
-        if numeric:
-            outs, preds = model.generate(prompts, pixel_values, max_new_tokens=max_new_tokens, num_values=values)
-        else:
-            outs = model.generate(prompts, pixel_values, max_new_tokens=max_new_tokens)
-        for k, (s, out, ref) in enumerate(zip(chunk, outs, refs)):
-            pred = (decode_numeric(tokenizer, out, preds[k])[0] if numeric
-                    else tokenizer.decode(out, skip_special_tokens=True)).strip()
+
+        def answers(n, **sampling):
+            """n answers to each prompt of the chunk, as n consecutive rows per prompt: (B * n) strings."""
+            rows = [p for p in prompts for _ in range(n)]
+            pv = pixel_values
+            if pv is not None and n > 1:   # each prompt's images, repeated for its n rows
+                pv = torch.cat([blk for blk in pv.split(n_images) for _ in range(n)])
+            if not numeric:
+                outs = model.generate(rows, pv, max_new_tokens=max_new_tokens, **sampling)
+                return [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
+            nums = [v for vs in values for _ in range(n) for v in vs]
+            outs, preds = model.generate(rows, pv, max_new_tokens=max_new_tokens, num_values=nums, **sampling)
+            return [decode_numeric(tokenizer, out, pred)[0].strip() for out, pred in zip(outs, preds)]
+
+        greedy = answers(1)
+        if num_samples:
+            drawn = answers(num_samples, temperature=temperature, top_p=top_p, generator=generator)
+        for k, (s, pred, ref) in enumerate(zip(chunk, greedy, refs)):
+            if num_samples:
+                hits = [float(a == ref) for a in drawn[k * num_samples:(k + 1) * num_samples]]
             for key in (s.get("qtype", "all"), "all") if s.get("qtype") else ("all",):
                 scores[key]["n"] += 1
                 scores[key]["exact"] += float(pred == ref)
                 scores[key]["text"] += text_accuracy(pred, ref)
+                if num_samples:
+                    scores[key]["pass"] += max(hits)
+                    scores[key]["sampled"] += sum(hits) / num_samples
             if shown < show:
                 print(f"  {s['where']}: {s['messages'][-2]['content'].replace(chr(10), ' ')!r} -> {pred!r} "
                       f"(reference {ref!r})")
                 shown += 1
-    return {k: {"n": v["n"], "exact": v["exact"] / v["n"], "text": v["text"] / v["n"]} for k, v in scores.items()}
+    report = {}
+    for key, v in scores.items():
+        report[key] = {"n": v["n"], "exact": v["exact"] / v["n"], "text": v["text"] / v["n"]}
+        if num_samples:
+            report[key].update({f"pass@{num_samples}": v["pass"] / v["n"], "sampled": v["sampled"] / v["n"]})
+    return report
 
 
 def format_report(report):
-    rows = [f"{'question type':<16}{'n':>6}{'exact':>9}{'text acc':>10}"]
+    extra = [k for k in next(iter(report.values()), {}) if k not in ("n", "exact", "text")]   # pass@k, sampled
+    rows = [f"{'question type':<16}{'n':>6}{'exact':>9}{'text acc':>10}" + "".join(f"{k:>9}" for k in extra)]
     for key in sorted(report, key=lambda k: (k == "all", k)):
         r = report[key]
-        rows.append(f"{key:<16}{r['n']:>6}{r['exact']:>9.1%}{r['text']:>10.1%}")
+        rows.append(f"{key:<16}{r['n']:>6}{r['exact']:>9.1%}{r['text']:>10.1%}"
+                    + "".join(f"{r[k]:>9.1%}" for k in extra))
     return "\n".join(rows)

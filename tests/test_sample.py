@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -56,3 +57,62 @@ def test_eval_mode_reports_per_question_type(tmp_path, capsys):
     sample.main(["--ckpt", str(tmp_path / "ckpt"), "--eval", str(tmp_path / "val.json"), "--device", "cpu"])
     out = capsys.readouterr().out
     assert "2 samples" in out and "colour" in out and "text" in out and "all" in out
+
+
+def eval_rows(tmp_path):
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "red.png")
+    rows = [{"image": "red.png", "qtype": "colour",
+             "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]},
+            {"qtype": "text", "conversations": [{"from": "human", "value": "Say a"}, {"from": "gpt", "value": "a"}]}]
+    (tmp_path / "val.json").write_text(json.dumps(rows))
+    from nanovlm.data import load_data
+    return load_data(str(tmp_path / "val.json"))
+
+
+def test_pass_at_k_and_sampled_accuracy_by_hand(tmp_path):
+    """Scripted sampled answers: question 1 ("red") draws red, blue, red, c -> pass 1, sampled 2/4; question 2
+    ("a") draws b four times -> pass 0, sampled 0. Rows come as k consecutive answers per question."""
+    from nanovlm.evaluate import evaluate_answers, format_report
+    model, tok = make_ckpt(tmp_path / "ckpt")
+    samples = eval_rows(tmp_path)
+    scripted = ["red", "blue", "red", "c", "b", "b", "b", "b"]
+    greedy_generate, seen = model.generate, {}
+
+    def generate(prompts, pixel_values=None, **kw):
+        if kw.get("temperature", 0) == 0:
+            return greedy_generate(prompts, pixel_values, **kw)
+        seen.update(prompts=prompts, pixels=pixel_values, temperature=kw["temperature"])
+        return [tok.encode(a) for a in scripted]
+    model.generate = generate
+    report = evaluate_answers(model, tok, samples, max_new_tokens=4, num_samples=4, temperature=0.7)
+    assert seen["temperature"] == 0.7 and len(seen["prompts"]) == 8
+    assert seen["prompts"][:4] == [seen["prompts"][0]] * 4 and seen["prompts"][4:] == [seen["prompts"][4]] * 4
+    assert seen["pixels"].shape == (4, 3, 32, 32)   # the one image, once per sample of question 1
+    assert report["colour"]["pass@4"] == 1.0 and report["colour"]["sampled"] == 0.5
+    assert report["text"]["pass@4"] == 0.0 and report["text"]["sampled"] == 0.0
+    assert report["all"]["pass@4"] == 0.5 and report["all"]["sampled"] == 0.25
+    assert "pass@4" in format_report(report).splitlines()[0]
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy(tmp_path):
+    """At temperature 1e-4 the softmax is the argmax: every sampled answer is the greedy one, so pass@k and the
+    sampled score equal the greedy exact score for each question type."""
+    from nanovlm.evaluate import evaluate_answers
+    model, tok = make_ckpt(tmp_path / "ckpt")
+    samples = eval_rows(tmp_path)
+    samples[1]["messages"][-1]["content"] = tok.decode(greedy_by_full_forward(      # make question 2 right
+        model, tok.encode_chat(samples[1]["messages"][:-1], 4, add_generation_prompt=True, system=None)[0], None, 3),
+        skip_special_tokens=True).strip()
+    report = evaluate_answers(model, tok, samples, max_new_tokens=3, num_samples=3, temperature=1e-4,
+                              generator=torch.Generator().manual_seed(0))
+    assert report["text"]["exact"] == 1.0 and report["colour"]["exact"] == 0.0
+    for key in ("colour", "text", "all"):
+        assert report[key]["pass@3"] == report[key]["sampled"] == report[key]["exact"]
+
+
+def test_eval_num_samples_needs_a_temperature(tmp_path):
+    make_ckpt(tmp_path / "ckpt")
+    eval_rows(tmp_path)
+    with pytest.raises(SystemExit, match="--temperature > 0"):
+        sample.main(["--ckpt", str(tmp_path / "ckpt"), "--eval", str(tmp_path / "val.json"), "--num-samples", "4",
+                     "--device", "cpu"])
