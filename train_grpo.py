@@ -7,6 +7,9 @@ Offline, on the embedded default (tiny model, synthetic OCR task, CPU), after tr
     python train_grpo.py --lora-rank 8          # LoRA adapters on the LM; the reference model is free
     python sample.py --ckpt out/grpo --image data/synthetic/images/val/ocr_000000.png \\
         --prompt "What is the text in the image?"
+How much there is to gain, before training: pass@8 against the greedy score (GRPO reinforces the better of
+the sampled answers, so pass@k is a rough ceiling for the greedy score; README, stage 3):
+    python sample.py --ckpt out/sft --eval data/synthetic/ocr_val.jsonl --limit 500 --num-samples 8 --temperature 1
 
 Real weights (GPUs), after stage 2:
     torchrun --standalone --nproc_per_node=8 train_grpo.py --preset qwen2.5-0.5b-siglip --init-from out/sft \\

@@ -14,7 +14,7 @@ With num_samples=k the model also samples k answers to each question (at `temper
   pass@k   some sampled answer is exact
   sampled  the mean exact score of the sampled answers
 the headroom reinforcement learning (train_grpo.py) has: GRPO learns only from questions where the k answers
-differ, and at best moves the greedy answer toward pass@k.
+differ, by making the better ones more likely, so pass@k is a rough ceiling for its greedy score.
 """
 
 from collections import defaultdict
