@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from nanovlm.data import load_image
+from nanovlm.grpo import repeat_prompts
 from nanovlm.numeric import decode_numeric, parse_numbers, strip_numbers
 from nanovlm.rewards import text_accuracy
 
@@ -68,10 +69,7 @@ def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32
 
         def answers(n, **sampling):
             """n answers to each prompt of the chunk, as n consecutive rows per prompt: (B * n) strings."""
-            rows = [p for p in prompts for _ in range(n)]
-            pv = pixel_values
-            if pv is not None and n > 1:   # each prompt's images, repeated for its n rows
-                pv = torch.cat([blk for blk in pv.split(n_images) for _ in range(n)])
+            rows, pv = repeat_prompts(prompts, pixel_values, n_images, n)
             if not numeric:
                 outs = model.generate(rows, pv, max_new_tokens=max_new_tokens, **sampling)
                 return [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]

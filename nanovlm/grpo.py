@@ -229,6 +229,16 @@ def prompt_ids(tokenizer, sample, image_tokens, system):
     return ids, messages[-1]["content"]
 
 
+def repeat_prompts(prompts, pixel_values, images_per_prompt, n):
+    """Each prompt n times in a row (p0, p0, ..., p1, p1, ...) with its images repeated to match, so one generate
+    call samples n completions of every prompt. Returns (rows, pixel_values); pixel_values may be None."""
+    rows = [p for p in prompts for _ in range(n)]
+    if pixel_values is not None and len(pixel_values):
+        blocks = pixel_values.split(list(images_per_prompt))        # one (n_img, 3, H, W) block per prompt
+        pixel_values = torch.cat([blk for blk in blocks for _ in range(n)])
+    return rows, pixel_values
+
+
 @torch.no_grad()
 def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, max_new_tokens, temperature,
             top_p=1.0, generator=None):
@@ -244,11 +254,7 @@ def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, ma
         raise ValueError(f"GRPO samples its completions: temperature must be > 0, got {temperature}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    G = num_generations
-    rows = [p for p in prompts for _ in range(G)]
-    if pixel_values is not None and len(pixel_values):
-        blocks = pixel_values.split(list(images_per_prompt))        # one (n_img, 3, H, W) block per prompt
-        pixel_values = torch.cat([blk for blk in blocks for _ in range(G)])
+    rows, pixel_values = repeat_prompts(prompts, pixel_values, images_per_prompt, num_generations)
     cfg = model.cfg
     # include_stop: a row that stopped ends with the stop token it sampled, which is trained like any other
     # token; a row cut off at max_new_tokens has none.
