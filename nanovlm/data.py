@@ -46,7 +46,7 @@ import re
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from nanovlm.numeric import parse_numbers, strip_numbers
+from nanovlm.numeric import split_numbers
 from nanovlm.siglip import preprocess_image
 from nanovlm.tokenizer import DEFAULT_SYSTEM, IMAGE_TAG
 
@@ -229,14 +229,7 @@ class VLMDataset(torch.utils.data.Dataset):
         """<num><v> markup in every turn -> <num> tokens + s["num_values"] (numeric), or plain digits."""
         if "<num>" not in "".join(m["content"] for m in s["messages"]):
             return {**s, "num_values": []}
-        messages, values = [], []
-        for m in s["messages"]:
-            if self.numeric:
-                text, v = parse_numbers(m["content"], where=s["where"])
-                values += v
-            else:
-                text = strip_numbers(m["content"], where=s["where"])
-            messages.append({**m, "content": text})
+        messages, values = split_numbers(s["messages"], self.numeric, s["where"])
         return {**s, "messages": messages, "num_values": values}
 
     def __getitem__(self, i):
@@ -245,12 +238,14 @@ class VLMDataset(torch.utils.data.Dataset):
         H = W = self.image_size
         pixels = [load_image(p, self.image_size, s["where"]) for p in s["images"]]
         pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, H, W)   # (n_img, 3, H, W)
-        num_values = torch.tensor(s["num_values"], dtype=torch.float32)               # (n_num,)
-        if self.numeric and ids.count(self.tokenizer.num) != len(num_values):
-            raise ValueError(f"{s['where']}: {ids.count(self.tokenizer.num)} <num> token(s) after tokenizing but "
-                             f"{len(num_values)} value(s): is there a <num> in the system prompt?")
-        return dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
-                    pixel_values=pixel_values, num_values=num_values, where=s["where"])
+        item = dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
+                    pixel_values=pixel_values, where=s["where"])
+        if self.numeric:
+            item["num_values"] = torch.tensor(s["num_values"], dtype=torch.float32)      # (n_num,)
+            if ids.count(self.tokenizer.num) != len(s["num_values"]):
+                raise ValueError(f"{s['where']}: {ids.count(self.tokenizer.num)} <num> token(s) after tokenizing "
+                                 f"but {len(s['num_values'])} value(s): is there a <num> in the system prompt?")
+        return item
 
 
 def collate(batch, pad_id):
@@ -298,8 +293,9 @@ def _fill_rows(batch, rows, pad_id):
             attention_mask[r, t:t + n] = k + 1
             t += n
     read = [batch[i] for row in rows for i in row]
-    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-                pixel_values=torch.cat([b["pixel_values"] for b in read]),   # (sum n_img, 3, H, W), may be (0, 3, H, W)
-                n_images=torch.tensor([b["pixel_values"].shape[0] for b in read], dtype=torch.long),
-                num_values=torch.cat([b.get("num_values", torch.zeros(0)) for b in read]),   # (sum n_num,)
-                where=[b["where"] for b in read])
+    out = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+               pixel_values=torch.cat([b["pixel_values"] for b in read]))   # (sum n_img, 3, H, W), maybe (0, 3, H, W)
+    if "num_values" in batch[0]:   # the numeric head's values, one per <num> token in reading order
+        out["num_values"] = torch.cat([b["num_values"] for b in read])      # (sum n_num,)
+    out["where"] = [b["where"] for b in read]   # the samples' names, for errors; not a model input
+    return out

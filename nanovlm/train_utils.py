@@ -108,11 +108,20 @@ def resolve_dtype(device, dtype_name="auto"):
 
 
 def autocast_context(device, dtype_name="auto"):
-    """Mixed precision for the forward pass; weights and optimizer stay fp32. fp16 also needs a GradScaler."""
+    """Mixed precision for the forward pass; weights and optimizer stay fp32. fp16 also needs grad_scaler."""
     dtype = resolve_dtype(device, dtype_name)
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def grad_scaler(device, dtype_name="auto"):
+    """A loss scaler for fp16 autocast: fp16 gradients underflow to 0 below ~6e-8, so the loss is multiplied
+    up before the backward pass and the gradients divided back before the step (steps with inf/nan gradients
+    are skipped and the scale lowered). Disabled, a pass-through, for bf16 (fp32's exponent range) and fp32.
+    Use: scaler.scale(loss).backward(); scaler.unscale_(opt); clip; scaler.step(opt); scaler.update()."""
+    enabled = resolve_dtype(device, dtype_name) == torch.float16
+    return torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,6 +186,34 @@ def check_finite(loss, step):
     if not math.isfinite(value):
         raise FloatingPointError(f"loss is {value} at step {step}: lower --lr, check the data, or try --dtype fp32")
     return value
+
+
+def check_losses(losses, step, dist):
+    """The mean over processes of the step losses logged since the last check (device tensors, read here in one
+    sync instead of one per step), after checking each is finite: a NaN names the first step that had it."""
+    if not losses:
+        return float("nan")
+    values = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).float()  # (n,)
+    if dist.ddp:
+        torch_dist.all_reduce(values)
+        values /= dist.world_size
+    values = values.tolist()
+    for k, v in enumerate(values):
+        check_finite(v, step - len(values) + 1 + k)
+    return sum(values) / len(values)
+
+
+def global_counts(counts, dist):
+    """Per-micro-batch counts [{name: int}, ...] -> {name: total over the step's micro-batches and every process,
+    divided by the number of processes}. Each process divides its summed loss by these; DDP's gradient average
+    over processes then gives (sum over the global batch) / (count over the global batch)."""
+    names = list(counts[0])
+    totals = [float(sum(c[k] for c in counts)) for k in names]
+    if not dist.ddp:
+        return {k: max(v, 1.0) for k, v in zip(names, totals)}
+    totals = torch.tensor(totals, dtype=torch.float32, device=dist.device)
+    torch_dist.all_reduce(totals)   # stays on the device: the loss divides by it without a host sync
+    return dict(zip(names, (totals.clamp(min=1.0) / dist.world_size).unbind()))
 
 
 # --------------------------------------------------------------------------------------------------------------

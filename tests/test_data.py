@@ -184,10 +184,10 @@ def test_collate_padding():
     assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0], [1, 2, 3, 4, 5], [9, 0, 0, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7, -100, -100], [-100, -100, 3, 4, 5], [9, -100, -100, -100, -100]]
     assert out["attention_mask"].tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] + [False] * 4]
-    assert out["attention_mask"].dtype == torch.bool and out["n_images"].tolist() == [1, 0, 1]
+    assert out["attention_mask"].dtype == torch.bool and "num_values" not in out
     assert torch.equal(out["pixel_values"], img) and out["where"] == ["a:1", "b:2", "c:3"]
     empty = collate(batch[1:2], pad_id=0)
-    assert empty["pixel_values"].shape == (0, 3, 8, 8) and empty["n_images"].tolist() == [0]
+    assert empty["pixel_values"].shape == (0, 3, 8, 8)
 
 
 def test_pack_rows_by_hand():
@@ -202,12 +202,13 @@ def test_pack_rows_by_hand():
                   where="b", num_values=torch.tensor([3.0])),
              dict(input_ids=torch.arange(21, 24), labels=torch.tensor([-100, 22, 23]), pixel_values=img[2:],
                   where="c", num_values=torch.tensor([4.0])),
-             dict(input_ids=torch.arange(31, 33), labels=torch.tensor([31, 32]), pixel_values=none, where="d")]
+             dict(input_ids=torch.arange(31, 33), labels=torch.tensor([31, 32]), pixel_values=none, where="d",
+                  num_values=torch.zeros(0))]
     out = pack(batch, pad_id=0, max_length=8)
     assert out["input_ids"].tolist() == [[1, 2, 3, 4, 5, 21, 22, 23], [11, 12, 13, 14, 31, 32, 0, 0]]
     assert out["labels"].tolist() == [[-100, -100, 3, 4, 5, -100, 22, 23], [-100, -100, -100, 14, 31, 32, -100, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 2, 2, 0, 0]]
-    assert out["where"] == ["a", "c", "b", "d"] and out["n_images"].tolist() == [1, 1, 1, 0]
+    assert out["where"] == ["a", "c", "b", "d"]
     assert torch.equal(out["pixel_values"], img[[0, 2, 1]]) and out["num_values"].tolist() == [1.0, 2.0, 4.0, 3.0]
     with pytest.raises(ValueError, match="a: 5 tokens do not fit a packed row of max_length=4"):
         pack(batch, pad_id=0, max_length=4)

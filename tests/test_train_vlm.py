@@ -107,10 +107,10 @@ def test_tiny_tokenizer_reads_drawn_words_letter_by_letter(tmp_path):
     """The words drawn in images are random: each must encode as its letters (a pair token like "QX" would be a
     class seen a few times), while the dataset's fixed words stay single tokens."""
     import json
-    from nanovlm.synthetic import generate
-    from nanovlm.vlm_train import tiny_tokenizer
-    generate(str(tmp_path), n_train=300, n_val=20, seed=0, image_size=32)
-    tok = tiny_tokenizer(str(tmp_path))
+    from nanovlm.synthetic import generate, synthetic_tokenizer
+    generate(str(tmp_path), n_train=300, n_val=20, seed=0, image_size=32)   # writes the tokenizer too
+    assert (tmp_path / "tokenizer.json").is_file()
+    tok = synthetic_tokenizer(str(tmp_path))
     words = [r["conversations"][1]["value"] for r in json.loads((tmp_path / "sft_train.json").read_text())
              if r["qtype"] == "text"]
     ocr = [json.loads(line)["response"] for line in (tmp_path / "ocr_train.jsonl").read_text().splitlines()]
@@ -137,7 +137,7 @@ def test_tiny_preset_gives_one_image_token_per_scene_cell():
 
 def test_tiny_sft_mixes_scene_questions_and_ocr_strings_two_to_one(tmp_path):
     """The default SFT mix: scene conversations and OCR strings 2:1 (the GRPO stage starts from a model that
-    reads OCR strings, the scene questions gained from them, and more from 2:1 than from 1:1: README)."""
+    reads OCR strings, the scene questions gained from them, and more from 2:1 than from 1:1: docs/experiments.md)."""
     from nanovlm.data import load_data
     from nanovlm.synthetic import generate
     from nanovlm.vlm_train import build_parser, resolve_args
