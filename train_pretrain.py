@@ -15,8 +15,7 @@ Resume an interrupted run exactly: add --resume (same flags, same --out-dir).
 Every flag: python train_pretrain.py --help
 """
 
-import sys
-
+from nanovlm.cli import run_cli
 from nanovlm.vlm_train import build_parser, train
 
 
@@ -26,4 +25,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -12,8 +12,7 @@ Resume an interrupted run exactly: add --resume (same flags, same --out-dir).
 Every flag: python train_sft.py --help
 """
 
-import sys
-
+from nanovlm.cli import run_cli
 from nanovlm.data import load_data
 from nanovlm.evaluate import evaluate_answers, format_report
 from nanovlm.vlm_train import build_parser, train
@@ -36,4 +35,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

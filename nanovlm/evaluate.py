@@ -58,7 +58,7 @@ def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32
                 messages.append({**m, "content": text})
                 sample_values += v
             ids, _ = tokenizer.encode_chat(messages, model.cfg.image_tokens, add_generation_prompt=True,
-                                           system=system)
+                                           system=system, where=s["where"])
             prompts.append(ids)
             values.append(sample_values)
             pixels += [load_image(p, image_size, s["where"]) for p in s["images"]]

@@ -317,10 +317,11 @@ def train(args):
     numeric = model.numeric is not None
     model.cfg.system_prompt = system = args.system   # saved with the checkpoint: sampling uses the same template
     image_size, image_tokens = model.cfg.image_size, model.cfg.image_tokens
-    train_set = VLMDataset(load_data(args.data, args.image_root, seed=args.seed), tok, image_size,
-                           image_tokens, args.max_length, args.drop_long, system=system, numeric=numeric)
-    val_set = (VLMDataset(load_data(args.val_data, args.image_root), tok, image_size, image_tokens,
-                          args.max_length, args.drop_long, system=system, numeric=numeric) if args.val_data else None)
+    train_set = VLMDataset(load_data(args.data, args.image_root, seed=args.seed), tok, image_size, image_tokens,
+                           args.max_length, args.drop_long, system=system, numeric=numeric, verbose=dist.is_main)
+    val_set = (VLMDataset(load_data(args.val_data, args.image_root), tok, image_size, image_tokens, args.max_length,
+                          args.drop_long, system=system, numeric=numeric, verbose=dist.is_main)
+               if args.val_data else None)
 
     opt = make_vlm_optimizer(model, args)
     start_step = 0
