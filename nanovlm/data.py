@@ -220,9 +220,8 @@ def load_dataset(path, image_root=None, check_images=True):
         except (ValueError, FileNotFoundError) as e:
             bad.append((line, e))
     if bad:
-        line, first = bad[0]
-        more = (f" (and {len(bad) - 1} more bad record(s) in {path}, at lines "
-                f"{', '.join(str(n) for n, _ in bad[1:6])}{', ...' if len(bad) > 6 else ''})") if len(bad) > 1 else ""
+        first, lines = bad[0][1], [str(n) for n, _ in bad[1:6]] + (["..."] if len(bad) > 6 else [])
+        more = f" (and {len(bad) - 1} more bad record(s) in {path}, line {', '.join(lines)})" if len(bad) > 1 else ""
         raise type(first)(f"{first}{more}")
     if not samples:
         raise ValueError(f"{path}: no records (an empty file or an empty list)")

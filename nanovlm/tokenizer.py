@@ -116,21 +116,24 @@ class Tokenizer:
         block = "<|vision_start|>" + "<|image_pad|>" * image_tokens + "<|vision_end|>"
         return text.replace(IMAGE_TAG, block)
 
+    def check_text(self, text, what):
+        """A control token typed in text is an error naming `what` (sample and turn) and the token."""
+        found = self.control_re and self.control_re.search(text)
+        if found:
+            raise ValueError(f"{what} contains {found.group()!r}, a control token of the chat template; special "
+                             "tokens may only come from the template (text with them would end the turn and start "
+                             "another): remove or reword it")
+
     def check_chat(self, messages, where="chat"):
-        """A control token typed in a message is an error naming where (the sample), the turn and the token."""
         for k, m in enumerate(messages):
-            found = self.control_re and self.control_re.search(m["content"])
-            if found:
-                raise ValueError(f"{where}: turn {k} ({m['role']}) contains {found.group()!r}, a control token of the "
-                                 "chat template; special tokens may only come from the template (text with them "
-                                 "would end the turn and start another): remove or reword it")
+            self.check_text(m["content"], f"{where}: turn {k} ({m['role']})")
 
     def render_chat(self, messages, image_tokens, add_generation_prompt=False, system=DEFAULT_SYSTEM, where="chat"):
         """Chat -> (text, spans): the template as one string, and the (start, end) character span of
         each assistant answer + its <|im_end|>, i.e. the part that is trained. where names the chat in errors."""
         self.check_chat(messages, where)
         if system is not None:
-            self.check_chat([{"role": "system", "content": system}], "system prompt")
+            self.check_text(system, "system prompt")
         if messages and messages[0]["role"] == "system":   # the conversation's own system prompt wins
             system, messages = messages[0]["content"], messages[1:]
         turns = ([{"role": "system", "content": system}] if system is not None else []) + list(messages)
@@ -167,7 +170,7 @@ class Tokenizer:
         once. BPE runs at roughly 0.3-0.5M tokens/s: LLaVA's 595K captions take a minute or two.
         wheres: one name per chat for errors (e.g. "data.json:12")."""
         if system is not None:
-            self.check_chat([{"role": "system", "content": system}], "system prompt")
+            self.check_text(system, "system prompt")
         system_len = len(self.encode(f"<|im_start|>system\n{system}<|im_end|>\n")) if system is not None else 0
         texts, extra = [], []
         for i, messages in enumerate(conversations):
