@@ -21,7 +21,7 @@ an error naming file:line and what is wrong, every bad record of a file counted 
 not UTF-8, malformed JSON, a single JSON object instead of a list, text after a list, an unknown format or
 role, turns out of order (an optional system turn, then user and assistant alternating, ending with the
 assistant: a conversation with no answer trains nothing), <image> tags that do not match the images, an image
-that is missing, unreadable or of an unsupported pixel mode (its header is opened: ~50 us a file),
+that is missing, unreadable or of an unsupported pixel mode (its header is opened, nothing decoded),
 chat-control tokens typed in the text (tokenizer.py), malformed <num> markup, an empty file, a mixing weight
 that rounds a file to no samples. Nothing is skipped silently. Only an image corrupt past its header is found
 late, when __getitem__ decodes it (decoding 595K images up front would take an hour).
@@ -186,7 +186,7 @@ def normalise(record, where, base_dir):
 
 
 def check_image(path, where):
-    """Open the image's header (no decoding: ~50 us a file) so a missing, unreadable or unsupported image is
+    """Open the image's header (nothing decoded) so a missing, unreadable or unsupported image is
     found before training starts. A file corrupt past its header is found when a batch decodes it."""
     try:
         with Image.open(path) as image:
@@ -308,7 +308,8 @@ def fit_lengths(samples, lengths, max_length, drop_long=False, limit=None, verbo
             mine = [s for s in samples if source(s["where"]) == f]
             dropped = [(w, n) for w, n in long if source(w) == f]
             why = f": longer than {limit}, first {dropped[0][0]} ({dropped[0][1]} tokens)" if dropped else ""
-            print(f"data {f}: {len(mine) - len(dropped)} samples ({len(set(s['where'] for s in mine))} records), "
+            records = len(set(s["where"] for s in mine))
+            print(f"data {f}: {len(mine) - len(dropped)} samples ({records} record{'s' * (records != 1)}), "
                   f"{len(dropped)} dropped{why}")
     return keep
 

@@ -157,7 +157,7 @@ def test_summary_line_per_file(tmp_path, tok, capsys):
     out = capsys.readouterr().out.splitlines()
     assert f"data {a}: 2 samples (2 records), 2 dropped: longer than max_length={limit}, first {a}:2 " \
            f"({max(lengths)} tokens)" in out
-    assert f"data {b}: 2 samples (1 records), 0 dropped" in out
+    assert f"data {b}: 2 samples (1 record), 0 dropped" in out
     assert len(ds) == 4 and ds.n_dropped == 2
 
 
