@@ -21,6 +21,7 @@ import time
 import torch
 
 from nanovlm import train_utils as tu
+from nanovlm.cli import run_cli
 
 
 def get_args(argv=None):
@@ -171,4 +172,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

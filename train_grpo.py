@@ -27,7 +27,6 @@ The checkpoint in --out-dir is a plain VLM checkpoint (with LoRA: the merged wei
 """
 
 import copy
-import sys
 import time
 from pathlib import Path
 
@@ -38,7 +37,8 @@ from tqdm import tqdm
 
 from nanovlm import grpo, lora, rewards
 from nanovlm import train_utils as tu
-from nanovlm.data import load_data, load_image
+from nanovlm.cli import run_cli
+from nanovlm.data import fit_lengths, load_data, load_image
 from nanovlm.evaluate import evaluate_answers, format_report
 from nanovlm.numeric import NumericVLM
 from nanovlm.vlm_train import build_model, build_parser, make_vlm_optimizer, resolve_args, save_vlm_checkpoint
@@ -77,7 +77,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_prompts(args, tok, cfg):
+def load_prompts(args, tok, cfg, verbose=True):
     """The training samples and their prompts' lengths in tokens, checked up front: a prompt with its longest
     completion must fit --max-length (never truncated: that would cut through image tokens or the question)."""
     samples = load_data(args.data, args.image_root, seed=args.seed)
@@ -87,17 +87,11 @@ def load_prompts(args, tok, cfg):
     # chat_lengths counts without the generation prompt, which is always the same few tokens
     gen = len(tok.encode("<|im_start|>assistant\n"))
     lengths = [n + gen for n in tok.chat_lengths([s["messages"][:-1] for s in samples], cfg.image_tokens,
-                                                cfg.system_prompt)]
-    fits = [n + args.max_new_tokens <= args.max_length for n in lengths]
-    long = [(s["where"], n) for s, n, ok in zip(samples, lengths, fits) if not ok]
-    if long and not args.drop_long:
-        where, n = long[0]
-        raise ValueError(f"{len(long)} prompt(s) too long, first {where}: {n} tokens + --max-new-tokens "
-                         f"{args.max_new_tokens} > --max-length {args.max_length}. Raise --max-length or --drop-long.")
-    if long:
-        print(f"dropped {len(long)} of {len(samples)} prompts too long for --max-length {args.max_length} "
-              f"with --max-new-tokens {args.max_new_tokens}, first {long[0][0]} ({long[0][1]} tokens)")
-    return [s for s, ok in zip(samples, fits) if ok], [n for n, ok in zip(lengths, fits) if ok]
+                                                cfg.system_prompt, wheres=[s["where"] for s in samples])]
+    keep = fit_lengths(samples, [n + args.max_new_tokens for n in lengths], args.max_length, args.drop_long,
+                       limit=f"--max-length {args.max_length} (prompt + --max-new-tokens {args.max_new_tokens})",
+                       verbose=verbose)
+    return [samples[i] for i in keep], [lengths[i] for i in keep]
 
 
 def all_mean(values, dist):
@@ -267,7 +261,7 @@ def main(argv=None):
     if isinstance(model, NumericVLM):
         raise SystemExit(f"{args.init_from} has a numeric head; GRPO does not support it yet")
     model.to(dist.device)
-    samples, lengths = load_prompts(args, tok, model.cfg)
+    samples, lengths = load_prompts(args, tok, model.cfg, verbose=dist.is_main)
     lengths = tuple(lengths) if args.group_by_length else None   # prompts of similar length: less padding
     opt = make_vlm_optimizer(model, args)   # adds the LoRA adapters when --lora-rank > 0
     ref_model = reference_model(model, args)
@@ -322,4 +316,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

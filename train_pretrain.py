@@ -15,9 +15,10 @@ The loop is train_sft.py's. Resume an interrupted run exactly: add --resume (sam
 Every flag: python train_pretrain.py --help
 """
 
-import sys
+import functools
 
+from nanovlm.cli import run_cli
 from train_sft import main
 
-if __name__ == "__main__":
-    sys.exit(main(stage="pretrain", doc=__doc__))   # the same loop as stage 2, with stage 1's defaults
+if __name__ == "__main__":   # the same loop as stage 2, with stage 1's defaults
+    run_cli(functools.partial(main, stage="pretrain", doc=__doc__))

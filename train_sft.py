@@ -13,7 +13,6 @@ Resume an interrupted run exactly: add --resume (same flags, same --out-dir).
 Every flag: python train_sft.py --help
 """
 
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from nanovlm import lora
 from nanovlm import train_utils as tu
 from nanovlm import vlm_train as vt
+from nanovlm.cli import run_cli
 from nanovlm.data import load_data
 from nanovlm.evaluate import evaluate_answers, format_report
 
@@ -38,7 +38,7 @@ def train(args):
     model, tok = vt.build_model(args, dist)
     model.to(dist.device)
     model.cfg.system_prompt = args.system   # saved with the checkpoint: sampling uses the same chat template
-    train_set, val_set = vt.datasets(args, model, tok)
+    train_set, val_set = vt.datasets(args, model, tok, verbose=dist.is_main)
     opt = vt.make_vlm_optimizer(model, args)   # adds the LoRA adapters first when --lora-rank > 0
 
     # ---- resume: weights, optimizer, step and RNG from --out-dir ---------------------------------------------
@@ -135,4 +135,4 @@ def main(argv=None, stage="sft", doc=__doc__):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

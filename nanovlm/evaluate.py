@@ -52,7 +52,7 @@ def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32
             # numbers as values beside <num> tokens for a model with the head, as in training; else plain digits
             messages, sample_values = split_numbers(s["messages"][:-1], numeric, s["where"])
             ids, _ = tokenizer.encode_chat(messages, model.cfg.image_tokens, add_generation_prompt=True,
-                                           system=system)
+                                           system=system, where=s["where"])
             prompts.append(ids)
             values.append(sample_values)
             pixels += [load_image(p, image_size, s["where"]) for p in s["images"]]

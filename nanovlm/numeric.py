@@ -56,8 +56,9 @@ MARKUP_RE = re.compile(r"<num>\s*<\s*(" + NUMBER + r")\s*>")
 
 
 def _scan(text, where, strict):
-    """Yield (start, end, value string) for each <num><v> in text. A <num> not followed by a valid <v> is an
-    error naming `where` (strict) or skipped (not strict: e.g. a model's completion being scored)."""
+    """Yield (start, end, value string) for each <num><v> in text. A <num> not followed by a valid <v>, or a value
+    beyond float range, is an error naming `where` (strict) or skipped / inf (not strict: e.g. a model's
+    completion being scored, where rewards.reward_numeric scores a non-finite value 0)."""
     pos = 0
     while (i := text.find(NUM_TOKEN, pos)) != -1:
         m = MARKUP_RE.match(text, i)
@@ -68,6 +69,9 @@ def _scan(text, where, strict):
                                  "<num><value> with a finite decimal value, e.g. <num><-1.5e3>")
             pos = i + len(NUM_TOKEN)
             continue
+        if strict and not math.isfinite(float(m.group(1))):
+            raise ValueError(f"{where or 'text'}: number {m.group(1)!r} at character {i} is too large for a float "
+                             "(it overflows to inf); a regression target must be a finite number")
         yield m.start(), m.end(), m.group(1)
         pos = m.end()
 

@@ -364,6 +364,7 @@ def load_checkpoint(path, model, optimizer=None, rank=0, device="cpu"):
     """
     path = checkpoint_dir(path)
     load_model(unwrap(model), str(path / "model.safetensors"), device=str(device))
+    weights.check_finite(unwrap(model).state_dict(), path / "model.safetensors")
     if optimizer is None:
         return {}
     if not (path / "train_state.pt").exists():

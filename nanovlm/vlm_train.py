@@ -207,11 +207,13 @@ def build_model(args, dist):
     return model, tok
 
 
-def datasets(args, model, tok):
-    """(training set, validation set or None), tokenized with the model's image size and chat template."""
+def datasets(args, model, tok, verbose=True):
+    """(training set, validation set or None), tokenized with the model's image size and chat template, every
+    sample checked up front (data.py); verbose: print one summary line per data file (the main process)."""
     numeric = isinstance(model, NumericVLM)
     kw = dict(tokenizer=tok, image_size=model.cfg.image_size, image_tokens=model.cfg.image_tokens,
-              max_length=args.max_length, drop_long=args.drop_long, system=model.cfg.system_prompt, numeric=numeric)
+              max_length=args.max_length, drop_long=args.drop_long, system=model.cfg.system_prompt, numeric=numeric,
+              verbose=verbose)
     train_set = VLMDataset(load_data(args.data, args.image_root, seed=args.seed), **kw)
     val_set = VLMDataset(load_data(args.val_data, args.image_root), **kw) if args.val_data else None
     return train_set, val_set

@@ -122,16 +122,18 @@ def test_errors_name_file_and_line(tmp_path, name, text, match):
         load_dataset(write(tmp_path / name, text))
 
 
-def test_corrupt_image_named_at_getitem(tmp_path, tok):
+def test_corrupt_image_named_at_load_or_getitem(tmp_path, tok):
+    """A file that is no image is found when the data is loaded (its header is opened); one truncated past a
+    valid header only when a batch decodes it. Both errors name the sample and the file."""
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     f = write(tmp_path / "c.jsonl", '{"query": "q", "response": "r", "image_path": "bad.png"}\n')
-    ds = VLMDataset(load_dataset(f), tok, image_size=32, image_tokens=4, max_length=100)
     with pytest.raises(ValueError, match=rf"c.jsonl:1: cannot read image .*bad.png"):
-        ds[0]
+        load_dataset(f)
     png(tmp_path / "bad.png")   # now a truncated one
     data = (tmp_path / "bad.png").read_bytes()
     (tmp_path / "bad.png").write_bytes(data[:len(data) // 2])
-    with pytest.raises(ValueError, match=rf"c.jsonl:1: cannot read image"):
+    ds = VLMDataset(load_dataset(f), tok, image_size=32, image_tokens=4, max_length=100)
+    with pytest.raises(ValueError, match=rf"c.jsonl:1: cannot read image .*bad.png"):
         ds[0]
 
 
@@ -169,7 +171,8 @@ def test_long_samples_error_and_drop(tmp_path, tok, capsys):
         VLMDataset(s, tok, image_size=16, image_tokens=8, max_length=max_length, system=None)
     ds = VLMDataset(s, tok, image_size=16, image_tokens=8, max_length=max_length, drop_long=True, system=None)
     assert ds.n_dropped == 1 and len(ds) == 2 and [ds[i]["where"] for i in range(2)] == [f"{f}:1", f"{f}:3"]
-    assert f"dropped 1 of 3 samples" in capsys.readouterr().out
+    assert (f"data {f}: 2 samples (3 records), 1 dropped: longer than max_length={max_length}, first {f}:2 "
+            f"({n_long} tokens)") in capsys.readouterr().out
     assert ds[1]["pixel_values"].shape == (0, 3, 16, 16)
 
 

@@ -206,14 +206,14 @@ class FakeTok:
     """Just enough of tokenizer.Tokenizer for VLMDataset: one id per character, <num> one token."""
     num = 99
 
-    def encode_chat(self, messages, image_tokens, system=None):
+    def encode_chat(self, messages, image_tokens, system=None, where=None):
         ids = []
         for m in messages:
             for k, part in enumerate(m["content"].split("<num>")):
                 ids += ([self.num] if k else []) + [ord(c) for c in part]
         return ids, list(ids)
 
-    def chat_lengths(self, conversations, image_tokens, system=None):
+    def chat_lengths(self, conversations, image_tokens, system=None, wheres=None):
         return [len(self.encode_chat(m, image_tokens)[0]) for m in conversations]
 
 
@@ -229,7 +229,8 @@ def test_dataset_parses_numbers_in_every_turn():
     digits = VLMDataset(s, FakeTok(), 8, 4, 100, system=None, numeric=False)   # no head: plain digits
     assert "num_values" not in digits[0] and 99 not in digits[0]["input_ids"].tolist()
     assert "".join(map(chr, digits[0]["input_ids"].tolist())) == "x is 2.5, y?-1e3元"
-    bad = [{"images": [], "where": "d.json:7", "messages": [{"role": "assistant", "content": "<num><abc>"}]}]
+    bad = [{"images": [], "where": "d.json:7", "messages": [{"role": "user", "content": "?"},
+                                                            {"role": "assistant", "content": "<num><abc>"}]}]
     for numeric in (True, False):
         with pytest.raises(ValueError, match=r"d\.json:7: malformed number"):
             VLMDataset(bad, FakeTok(), 8, 4, 100, system=None, numeric=numeric)
