@@ -203,6 +203,20 @@ def test_logits_equal_transformers(checkpoint):
     assert (alone[0] - mine[1, real[1]]).abs().max() <= 1e-5
 
 
+def test_bf16_close_to_transformers(tied):
+    path, _ = tied
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager")
+    ours = Qwen25VL.from_pretrained(path, dtype=torch.bfloat16)
+    assert ours.vision.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    pv, grid, rows = mixed_batch(ours)
+    ids, mask = batch(rows)
+    with torch.no_grad():
+        mine = ours(ids, pixel_values=pv, image_grid_thw=grid, attention_mask=mask)[mask.bool()].float()
+    theirs = reference_logits(ref.eval(), ids, pv, grid, mask).logits[mask.bool()].float()
+    assert (mine - theirs).abs().max() / theirs.abs().max() < 2e-2      # bf16 keeps 8 bits of mantissa
+    assert (mine.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.9
+
+
 def test_loss_equals_transformers(tied):
     path, ref = tied
     ours = Qwen25VL.from_pretrained(path)
