@@ -123,7 +123,7 @@ class Qwen25VLConfig:
             "max_position_embeddings": lm.max_position_embeddings, "rope_theta": lm.rope_theta,
             "rope_scaling": {"type": "mrope", "mrope_section": list(self.mrope_section)},
             "tie_word_embeddings": lm.tie_word_embeddings, "use_sliding_window": False, "attention_dropout": 0.0,
-            "initializer_range": 0.02, "bos_token_id": 151643, "eos_token_id": 151645,
+            "initializer_range": 0.02, "bos_token_id": self.pad_token_id, "eos_token_id": self.stop_token_ids[0],
             "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
             "vision_config": self.vision.to_hf(), "torch_dtype": dtype, "dtype": dtype,

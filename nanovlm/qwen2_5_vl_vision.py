@@ -76,6 +76,8 @@ class VisionConfig:
         hf = {k: v for k, v in asdict(self).items() if k not in ("attn_backend", "rope_theta")}
         hf.update(fullatt_block_indexes=list(self.fullatt_block_indexes), in_chans=self.in_channels,
                   spatial_patch_size=self.patch_size, hidden_act="silu")
+        if self.rope_theta != 10000.0:   # the hub files leave the default out
+            hf["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.rope_theta}
         return hf
 
 
