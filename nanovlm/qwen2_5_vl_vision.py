@@ -117,7 +117,9 @@ def segment_attention(q, k, v, lengths, backend):
     window each). q, k, v: (N, H, D); lengths (S,) sum to N. -> (N, H, D).
 
     The one place the vision tower turns segment lengths (cu_seqlens = [0, cumsum(lengths)]) into attention:
-    segment ids on a batch of one, block-diagonal, never a dense mask over unrelated images."""
+    segment ids on a batch of one. The flash backend runs them as varlen segments (nothing between segments
+    is computed); math and sdpa still build the (N, N) block-diagonal mask, until nanovlm/attention.py takes
+    cu_seqlens directly."""
     seg = torch.repeat_interleave(torch.arange(1, len(lengths) + 1, device=q.device), lengths)   # (N,)
     return attention(q[None], k[None], v[None], causal=False, backend=backend, segment_ids=seg[None])[0]
 
