@@ -201,6 +201,12 @@ def test_logits_equal_transformers(checkpoint):
     with torch.no_grad():
         alone = ours(torch.tensor([rows[1]]), pixel_values=pv[grid[:2].prod(-1).sum():], image_grid_thw=grid[2:])
     assert (alone[0] - mine[1, real[1]]).abs().max() <= 1e-5
+    # A batch with no image at all (no pixel_values): MRoPE is plain RoPE.
+    ids, mask = batch([rows[2], rows[2][:3]], left=False)
+    with torch.no_grad():
+        text = ours(ids, attention_mask=mask)
+        theirs = ref(input_ids=ids, attention_mask=mask).logits
+    assert (text[mask.bool()] - theirs[mask.bool()]).abs().max() <= 1e-5
 
 
 def test_bf16_close_to_transformers(tied):
