@@ -137,7 +137,7 @@ class PatchEmbed(nn.Module):
         """(N, C*T*p*p) -> (N, hidden). One patch is one kernel window, so the convolution is a matrix product
         (the weight (hidden, C, T, p, p) flattens in the order the patch does)."""
         w = self.proj.weight
-        return F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1))
+        return F.linear(pixel_values.to(device=w.device, dtype=w.dtype), w.reshape(w.shape[0], -1))
 
 
 class Attention(nn.Module):
@@ -209,7 +209,11 @@ class VisionTower(nn.Module):
         if int(grid_thw.prod(-1).sum()) != N:
             raise ValueError(f"pixel_values has {N} patches but image_grid_thw {grid_thw.tolist()} describes "
                              f"{int(grid_thw.prod(-1).sum())}")
+        if (grid_thw[:, 1:] % cfg.spatial_merge_size).any():
+            raise ValueError(f"image_grid_thw {grid_thw.tolist()}: heights and widths must be multiples of "
+                             f"spatial_merge_size {cfg.spatial_merge_size} (preprocess_images makes them so)")
         x = self.patch_embed(pixel_values)                                                    # (N, hidden)
+        grid_thw = grid_thw.to(x.device)          # the bookkeeping below is built where the grid is
         cos, sin = self.rope_cos_sin(patch_positions(grid_thw, cfg.spatial_merge_size))
         # Window order: whole merge blocks move (their patches stay together), so perm is per patch.
         blocks, window_blocks = window_order(grid_thw, cfg.spatial_merge_size,
