@@ -98,8 +98,9 @@ class Qwen25VLConfig:
         rope = text.get("rope_parameters") or text.get("rope_scaling") or hf.get("rope_scaling") or {}
         if "mrope_section" not in rope:
             raise ValueError(f"{where}: the rope settings {rope} have no mrope_section")
-        if rope.get("rope_type", rope.get("type", "default")) not in ("mrope", "default"):
-            raise NotImplementedError(f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("mrope", "default"):
+            raise NotImplementedError(f"{where}: rope type {kind!r} is not supported")
         lm = {k: v for k, v in text.items() if k not in ("rope_scaling", "rope_parameters", "head_dim")}
         lm["rope_parameters"] = {"rope_type": "default",
                                  "rope_theta": rope.get("rope_theta", text.get("rope_theta", 1e6))}
@@ -333,9 +334,10 @@ class Qwen25VL(nn.Module):
                       "attn.proj.bias", "mlp.gate_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.weight",
                       "mlp.up_proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias"):
                 m[f"vision.blocks.{i}.{p}"] = f"visual.blocks.{i}.{p}"
-        m.update({"projector.ln_q.weight": "visual.merger.ln_q.weight",
-                  "projector.fc1.weight": "visual.merger.mlp.0.weight", "projector.fc1.bias": "visual.merger.mlp.0.bias",
-                  "projector.fc2.weight": "visual.merger.mlp.2.weight", "projector.fc2.bias": "visual.merger.mlp.2.bias"})
+        m["projector.ln_q.weight"] = "visual.merger.ln_q.weight"
+        for ours, official in (("fc1", "mlp.0"), ("fc2", "mlp.2")):
+            for p in ("weight", "bias"):
+                m[f"projector.{ours}.{p}"] = f"visual.merger.{official}.{p}"
         return m
 
     @staticmethod

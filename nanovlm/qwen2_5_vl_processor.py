@@ -37,8 +37,9 @@ def smart_resize(height, width, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX
     if min(height, width) < 1:
         raise ValueError(f"image of {width}x{height} pixels is empty")
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image of {width}x{height} pixels: aspect ratio {max(height, width) / min(height, width):.0f} "
-                         f"is over 200, which Qwen2.5-VL does not accept")
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(f"image of {width}x{height} pixels: aspect ratio {ratio:.0f} is over 200, which "
+                         f"Qwen2.5-VL does not accept")
     h, w = round(height / factor) * factor, round(width / factor) * factor   # Python's round: half to even
     if h * w > max_pixels:      # shrink both sides by the same beta, rounding down so the area stays under
         beta = math.sqrt(height * width / max_pixels)

@@ -353,7 +353,8 @@ def test_checkpoint_errors_name_the_problem(tied, tmp_path):
     path, _ = tied
     tensors = load_file(path / "model.safetensors")
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    save_file({k: v for k, v in tensors.items() if k != "visual.blocks.2.attn.qkv.bias"}, tmp_path / "model.safetensors")
+    missing = {k: v for k, v in tensors.items() if k != "visual.blocks.2.attn.qkv.bias"}
+    save_file(missing, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing tensors \(1\): \['visual.blocks.2.attn.qkv.bias'\]"):
         Qwen25VL.from_pretrained(tmp_path)
     bad = dict(tensors, **{"visual.merger.mlp.2.weight": torch.zeros(64, 64)})
