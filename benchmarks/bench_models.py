@@ -31,10 +31,13 @@ import platform
 import statistics
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 import transformers  # benchmarks compare against it; nanovlm/ never imports it
 from transformers import Qwen2Config as HFQwen2Config
 from transformers import Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
@@ -111,6 +114,34 @@ def randomize(model, std=0.2, seed=0):
             centre = 1.0 if "norm" in name and name.endswith("weight") else 0.0
             p.copy_(torch.randn(p.shape, generator=g) * std + centre)
     return model
+
+
+class PeakMemory(TorchDispatchMode):
+    """Tensor accounting, no GPU needed: inside `with PeakMemory() as m:`, every tensor storage an op creates is
+    counted from its creation until it is freed (a weakref finalizer on the storage fires when the last tensor
+    using it, autograd's saved tensors included, lets go). m.peak is the most bytes alive at once. Tensors made
+    before the block are not counted. (The tests use it too, through tests/conftest.py.)"""
+
+    def __enter__(self):
+        self.live = self.peak = 0
+        self.sizes = {}
+        return super().__enter__()
+
+    def _free(self, key):
+        self.live -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.sizes:   # a new storage, not a view of one already counted
+                    self.sizes[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
 
 
 def check_close(what, ours, theirs, dtype):

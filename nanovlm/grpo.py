@@ -211,9 +211,8 @@ def entropy_from_logits(logits):
 # Rollouts: G completions per prompt, sampled together, and their per-token log-probs
 #
 # A rollout batch holds B = n_prompts * G rows, laid out as consecutive groups (p0 c0, p0 c1, ..., p1 c0, ...)
-# as group_advantages expects. Each prompt is simply repeated G times and the whole batch sampled in one
-# VLM.generate call with the KV cache (the prompt prefill is recomputed G times; prefix sharing would save
-# it, at the cost of a much less readable cache).
+# as group_advantages expects. The whole batch is sampled in one VLM.generate call with the KV cache:
+# generate(num_samples=G) runs each prompt and its images through the model once, then copies its cache G times.
 #
 # The completion a row is trained on ends with its end-of-turn token (generate(include_stop=True)): without it
 # in the loss the model would never be taught to stop. A row cut off at max_new_tokens has none.
@@ -242,8 +241,9 @@ def repeat_prompts(prompts, pixel_values, images_per_prompt, n):
 
 @torch.no_grad()
 def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, max_new_tokens, temperature,
-            top_p=1.0, generator=None):
-    """Sample num_generations completions of each prompt in one batched generate call.
+            top_p=1.0, generator=None, compile=False):
+    """Sample num_generations completions of each prompt in one batched generate call (compile: a compiled
+    decode step, see VLM.generate).
 
     prompts: list of token-id lists; pixel_values: (sum of images_per_prompt, 3, H, W) in prompt order, or None.
     Returns a batch dict for completion_logps: input_ids / attention_mask (B, T) prompt + completion, right-padded;
@@ -255,12 +255,13 @@ def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, ma
         raise ValueError(f"GRPO samples its completions: temperature must be > 0, got {temperature}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    rows, pixel_values = repeat_prompts(prompts, pixel_values, images_per_prompt, num_generations)
     cfg = model.cfg
     # include_stop: a row that stopped ends with the stop token it sampled, which is trained like any other
     # token; a row cut off at max_new_tokens has none.
-    completions = model.generate(rows, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, generator=generator, include_stop=True)
+    completions = model.generate(prompts, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, generator=generator, include_stop=True, num_samples=num_generations,
+                                 compile=compile)
+    rows, pixel_values = repeat_prompts(prompts, pixel_values, images_per_prompt, num_generations)
     stopped = [bool(c) and c[-1] in cfg.stop_token_ids for c in completions]
     batch = completion_batch(rows, completions, cfg.pad_token_id)
     batch.update(pixel_values=pixel_values, stopped=torch.tensor(stopped))
