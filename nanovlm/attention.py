@@ -8,7 +8,7 @@ Four backends compute the same thing:
   flex   torch's FlexAttention: packed samples as a block-sparse mask, never a T x T one (compiled on CUDA)
   flash  flash-attn 2 (CUDA, bf16/fp16 only), if it is installed
 "auto" picks flash when it can run; else, for packed rows on CUDA, flex; else sdpa. The first time "auto"
-makes a choice for a kind of call it prints it ("attention backend: flash (packed rows, cuda bfloat16)").
+makes a choice for a kind of call it prints it to stderr ("attention backend: flash (packed, cuda bfloat16)").
 
 Tensors use the (batch, time, heads, head_dim) layout: it is what a Linear followed by .view() produces,
 and what flash-attn wants; the other backends transpose internally.
@@ -31,7 +31,7 @@ readable reference. Padding before or between samples is a run too; padding afte
 nothing under causal attention (a real token never looks ahead), so such a batch runs as plain causal.
 
 KV cache. For decoding, keys and values of earlier tokens are kept in a KVCache sized once, one slot per
-(row, position). Each row has its own length, so prompts of different lengths decode together: prompts are
+(row, head, position). Each row has its own length, so prompts of different lengths decode together: prompts are
 RIGHT-padded, the prefill writes every position, and `cache.advance(n_real)` sets each row's length to its
 real token count, so the pad slots are overwritten by the first generated tokens. A new token of row b goes to
 slot lengths[b] and sees slots 0..lengths[b]; with T new tokens, query i sees slots <= lengths[b] + i (the
@@ -41,6 +41,7 @@ graphs). flash-attn writes and attends in one call (flash_attn_with_kvcache).
 """
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -155,7 +156,8 @@ def flex_block_mask(segment_ids, causal, block=FLEX_BLOCK):
 
 
 class KVCache:
-    """Keys and values for every layer, sized once: k[layer], v[layer] are (B, max_len, Hkv, D).
+    """Keys and values for every layer, sized once: k[layer], v[layer] are (B, Hkv, max_len, D), heads first, the
+    layout SDPA reads without copying (flash-attn reads the same memory as (B, max_len, Hkv, D), a view).
 
     lengths (B,) int32: tokens stored per row. A forward through the model calls begin(T) before its layers (the
     slots and positions of its T new tokens, and what they may see, computed once for all layers), the layers
@@ -165,7 +167,7 @@ class KVCache:
     prompt plus every token to be generated."""
 
     def __init__(self, n_layers, batch_size, max_len, n_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
-        shape = (batch_size, max_len, n_kv_heads, head_dim)
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
@@ -184,13 +186,14 @@ class KVCache:
 
     def write(self, layer, k, v):
         """Store the new k, v (B, T, Hkv, D) at their slots."""
+        K, V = self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2)     # (B, max_len, Hkv, D) views
         if self.fresh:   # a prefill: slots 0..T-1 of every row
-            self.k[layer][:, :k.shape[1]] = k
-            self.v[layer][:, :v.shape[1]] = v
+            K[:, :k.shape[1]] = k
+            V[:, :v.shape[1]] = v
         else:
             rows = torch.arange(k.shape[0], device=k.device)[:, None]                            # (B, 1)
-            self.k[layer].index_put_((rows, self.slots), k.to(self.dtype))
-            self.v[layer].index_put_((rows, self.slots), v.to(self.dtype))
+            K.index_put_((rows, self.slots), k.to(self.dtype))
+            V.index_put_((rows, self.slots), v.to(self.dtype))
 
     def advance(self, n_new):
         """After the layers: n_new (an int or a (B,) tensor) real new tokens per row."""
@@ -229,7 +232,8 @@ def resolve_backend(backend, device, dtype, kind="plain"):
     if (choice, kind) not in _announced and not torch.compiler.is_compiling():
         _announced.add((choice, kind))
         if os.environ.get("RANK", "0") == "0":
-            print(f"attention backend: {choice} ({kind}, {device.type} {str(dtype).replace('torch.', '')})")
+            print(f"attention backend: {choice} ({kind}, {device.type} {str(dtype).replace('torch.', '')})",
+                  file=sys.stderr)   # stderr: stdout is for results (sample.py prints the answer there)
     return choice
 
 
@@ -277,29 +281,31 @@ def _cached(q, k, v, backend, cache, layer):
     if cache.fresh:   # the prefill: the prompt attends to itself, plain causal (right padding needs nothing)
         cache.write(layer, k, v)
         return attention(q, k, v, causal=True, backend=backend)
+    K, V = cache.k[layer], cache.v[layer]                                                  # (B, Hkv, max_len, D)
     if backend == "flash":   # appends k, v at cache_seqlens[b] in place and attends bottom-right causal
-        return flash_attn_with_kvcache(q, cache.k[layer], cache.v[layer], k=k, v=v, cache_seqlens=cache.lengths,
-                                       causal=True)
+        return flash_attn_with_kvcache(q, K.transpose(1, 2), V.transpose(1, 2), k=k, v=v,
+                                       cache_seqlens=cache.lengths, causal=True)
     cache.write(layer, k, v)
-    K, V = cache.k[layer], cache.v[layer]                                                  # (B, max_len, Hkv, D)
-    y = _math(q.to(K.dtype), K, V, mask=cache.visible) if backend == "math" else \
-        _sdpa(q.to(K.dtype), K, V, mask=cache.visible)
-    return y.to(q.dtype)
+    q = q.to(K.dtype)
+    if backend == "math":
+        y = _math(q, K.transpose(1, 2), V.transpose(1, 2), mask=cache.visible)
+    elif q.shape[1] == 1:
+        # One new token (decoding): the G = Hq/Hkv query heads that share a kv head become G query rows of that
+        # head, so the kernel reads the cache as it lies, never copying it for each query head.
+        B, _, Hq, D = q.shape
+        y = F.scaled_dot_product_attention(q.view(B, K.shape[1], -1, D), K, V,
+                                           attn_mask=cache.visible[:, None]).reshape(B, 1, Hq, D)
+    else:
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=cache.visible[:, None],
+                                           enable_gqa=True).transpose(1, 2)
+    return y.to(v.dtype)
 
 
 def _sdpa(q, k, v, causal=False, mask=None):
     """SDPA wants (B, H, T, D). mask: (B, T, S) bool (True = may attend) or None."""
-    Hq, Hkv = q.shape[2], k.shape[2]
-    if mask is not None and q.shape[1] == 1 and Hq != Hkv:
-        # One new token (decoding): the G = Hq/Hkv query heads that share a kv head become G query rows of that
-        # head, so the kernel reads each cached k, v once instead of copying it for every query head.
-        B, _, _, D = q.shape
-        y = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask[:, None])                         # (B, Hkv, G, D)
-        return y.reshape(B, 1, Hq, D)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=None if mask is None else mask[:, None], is_causal=causal,
-                                       enable_gqa=Hq != Hkv)
+                                       enable_gqa=q.shape[2] != k.shape[2])
     return y.transpose(1, 2)                                                               # (B, T, Hq, D)
 
 

@@ -183,7 +183,7 @@ def test_auto_backend_choice_is_printed_once(monkeypatch, capsys):
     assert resolve_backend("auto", "cuda", torch.float32, "cache") == "sdpa"   # flash-attn needs bf16/fp16
     assert resolve_backend("auto", "cpu", bf16, "packed") == "sdpa"
     assert resolve_backend("math", "cuda", bf16, "packed") == "math"           # asked for: not announced
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()
     assert lines[0] == f"attention backend: {packed_gpu} (packed, cuda bfloat16)"
     assert len(lines) == len(set(lines)) == 4
 

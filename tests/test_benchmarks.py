@@ -38,6 +38,7 @@ def test_bench_packing_runs_and_checks_it_computes_the_same(tmp_path, monkeypatc
     gradients -- shown by breaking packing's attention mask (samples sharing a row then see each other)."""
     import bench_packing
     from nanovlm import data
+    from nanovlm.attention import Packing
     argv = ["--data-dir", str(tmp_path / "data"), "--n-synthetic", "40", "--batches", "1", "--batch-size", "8",
             "--threads", "1"]
     assert bench_packing.main(argv) > 0
@@ -45,6 +46,7 @@ def test_bench_packing_runs_and_checks_it_computes_the_same(tmp_path, monkeypatc
     def leaky(batch, rows, pad_id):   # every sample of a row numbered 1: one long sample, no block-diagonal mask
         out = fill(batch, rows, pad_id)
         out["attention_mask"] = (out["attention_mask"] > 0).long()
+        out["packing"] = Packing.from_mask(out["attention_mask"])
         return out
     monkeypatch.setattr(data, "_fill_rows", leaky)
     with pytest.raises(SystemExit, match="not comparable"):
