@@ -39,6 +39,7 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -281,6 +282,8 @@ def bench_qwen2_packed(args, ours, device, dtype):
     train = device.type == "cuda"   # FlexAttention has no CPU backward
     print(f"qwen2-packed: {B} rows x {T} tokens, {len(packing.cu_seqlens) - 1} runs (samples and padding), "
           f"{'forward + backward' if train else 'forward only'}")
+    if not train:   # uncompiled on the CPU: torch's unfused reference path, which warns that it is one
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     backends = ["sdpa"] + (["flex"] if HAVE_FLEX else []) + (["flash"] if HAVE_FLASH and train and
                                                              dtype != torch.float32 else [])
     real = mask > 0

@@ -282,7 +282,9 @@ def _cached(q, k, v, backend, cache, layer):
         cache.write(layer, k, v)
         return attention(q, k, v, causal=True, backend=backend)
     K, V = cache.k[layer], cache.v[layer]                                                  # (B, Hkv, max_len, D)
-    if backend == "flash":   # appends k, v at cache_seqlens[b] in place and attends bottom-right causal
+    # flash_attn_with_kvcache appends k, v at cache_seqlens[b] in place and attends bottom-right causal. It is a
+    # plain extension call, not a torch op, so a compiled decode step (CUDA graphs) uses SDPA's kernels instead.
+    if backend == "flash" and not torch.compiler.is_compiling():
         return flash_attn_with_kvcache(q, K.transpose(1, 2), V.transpose(1, 2), k=k, v=v,
                                        cache_seqlens=cache.lengths, causal=True)
     cache.write(layer, k, v)

@@ -38,6 +38,8 @@ How per-token losses become one number matters with completions of unequal lengt
 import torch
 import torch.nn.functional as F
 
+from nanovlm.attention import Packing
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
@@ -269,7 +271,8 @@ def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, ma
 
 
 def completion_batch(prompts, completions, pad_id):
-    """Token lists -> padded tensors (see rollout). The mask covers each completion's own tokens, stop included."""
+    """Token lists -> padded tensors (see rollout), with their attention.Packing. The completion mask covers each
+    completion's own tokens, stop included."""
     B = len(prompts)
     T = max(len(p) + len(c) for p, c in zip(prompts, completions))
     C = max(1, max(len(c) for c in completions))
@@ -284,7 +287,7 @@ def completion_batch(prompts, completions, pad_id):
         completion_mask[b, :len(c)] = 1
     return dict(input_ids=input_ids, attention_mask=attention_mask, completion_ids=completion_ids,
                 completion_mask=completion_mask, prompt_lengths=torch.tensor([len(p) for p in prompts]),
-                completions=[list(c) for c in completions])
+                completions=[list(c) for c in completions], packing=Packing.from_mask(attention_mask))
 
 
 def completion_logps(model, batch, temperature, with_entropy=False):
@@ -301,8 +304,9 @@ def completion_logps(model, batch, temperature, with_entropy=False):
     completion = batch["completion_ids"].to(device)                                 # (B, C)
     pixel_values = batch["pixel_values"]
     pixel_values = pixel_values.to(device) if pixel_values is not None and len(pixel_values) else None
+    packing = batch["packing"].to(device) if "packing" in batch else None          # made on the CPU, with the batch
     x = model.embed(ids, pixel_values)                                              # (B, T, hidden)
-    h = model.lm.hidden_states(inputs_embeds=x, attention_mask=mask)                # (B, T, hidden)
+    h = model.lm.hidden_states(inputs_embeds=x, attention_mask=mask, packing=packing)   # (B, T, hidden)
     B, T, D = h.shape
     start = batch["prompt_lengths"].to(device)[:, None] - 1                         # (B, 1)
     pos = (start + torch.arange(completion.shape[1], device=device)[None]).clamp(max=T - 1)  # (B, C)
