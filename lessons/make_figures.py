@@ -1,0 +1,240 @@
+"""Draw the lessons' figures into lessons/figures/ (small palette PNGs), on the CPU, in a few seconds.
+
+    python lessons/make_figures.py                    # rewrite lessons/figures/*.png
+    python lessons/make_figures.py --out-dir /tmp/f   # somewhere else (tests/test_lessons.py does this)
+    python lessons/make_figures.py --only grpo_toy    # one figure
+
+Everything is deterministic (fixed seeds, one thread). A figure that shows a training run does not train
+anything itself: it runs the lesson's own python blocks (run_lesson) and plots the history they recorded, so
+the picture is exactly what a reader who runs the lesson gets.
+"""
+
+import argparse
+import io
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+LESSONS = Path(__file__).resolve().parent
+ROOT = LESSONS.parent
+BLOCK_RE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
+
+
+def python_blocks(text):
+    return [m.group(1) for m in BLOCK_RE.finditer(text)]
+
+
+def run_lesson(path, workdir):
+    """Run every ```python block of a lesson, in order, in one fresh namespace with `workdir` as the working
+    directory; return the namespace. A failing block raises, naming the lesson and the block."""
+    path = Path(path)
+    blocks = python_blocks(path.read_text())
+    namespace = {"__name__": f"lesson_{path.stem}"}
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        for i, src in enumerate(blocks, start=1):
+            try:
+                exec(compile(src, f"{path.name}:block{i}", "exec"), namespace)
+            except Exception as e:
+                raise RuntimeError(f"{path.name}, python block {i} failed: {type(e).__name__}: {e}\n"
+                                   f"--- block {i} ---\n{src}") from e
+    finally:
+        os.chdir(cwd)
+    return namespace
+
+
+def lesson(stem):
+    """The namespace of lessons/<stem>.md after running it (in a temporary directory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_lesson(LESSONS / f"{stem}.md", tmp)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures: one function each, returning a matplotlib figure.
+
+def attention_masks(plt):
+    """Lesson 1: the masks attention() applies, read off its weights (zero q and k, identity values)."""
+    from nanovlm.attention import KVCache, attention
+
+    def weights(T, **kw):
+        zeros = torch.zeros(1, T, 1, 4)
+        return attention(zeros, zeros, torch.eye(T)[None, :, None, :], backend="math", **kw)[0, :, 0]
+
+    T = 8
+    real = torch.tensor([[True] * 5 + [False] * 3])
+    seg = torch.tensor([[1, 1, 1, 2, 2, 2, 2, 0]])
+    cache = KVCache(n_layers=1, batch_size=1, max_len=T, n_kv_heads=1, head_dim=4)
+    cache.advance(6)                                             # 6 tokens already cached, 2 new ones
+    panels = [("causal", weights(T, causal=True) > 0, "query t sees keys 0..t"),
+              ("causal + padding (3 pads)", weights(T, causal=True, key_padding_mask=real) > 0,
+               "pad keys unseen; a pad query sees itself"),
+              ("packed: segments 1 1 1 2 2 2 2 0", weights(T, causal=True, segment_ids=seg) > 0,
+               "block-diagonal: samples apart"),
+              ("KV cache: 6 cached, 2 new", cache.mask(2, T)[0], "bottom-right aligned")]
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
+    for ax, (title, mask, note) in zip(axes, panels):
+        ax.imshow(mask.float(), cmap="Blues", vmin=0, vmax=1.25, aspect="equal")
+        ax.set_title(f"{title}\n{note}", fontsize=9)
+        ax.set_xlabel("key position", fontsize=8)
+        ax.set_xticks(range(mask.shape[1]))
+        ax.set_yticks(range(mask.shape[0]))
+        ax.set_xticks([x - 0.5 for x in range(1, mask.shape[1])], minor=True)
+        ax.set_yticks([y - 0.5 for y in range(1, mask.shape[0])], minor=True)
+        ax.grid(which="minor", color="white", linewidth=1)
+        ax.tick_params(labelsize=7, which="both", length=0)
+    axes[0].set_ylabel("query position", fontsize=8)
+    axes[3].set_yticklabels(["6", "7"])
+    fig.tight_layout()
+    return fig
+
+
+def rope_angles(plt):
+    """Lesson 2: cos(m theta_i) per plane and position, and the score of one q, k pair against the offset."""
+    from nanovlm.qwen2 import apply_rope, rope_cos_sin
+    D, base, T = 64, 10000.0, 128
+    cos, _ = rope_cos_sin(torch.arange(T)[None], D, base, torch.float32)          # (1, T, D)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [1.35, 1]})
+    im = a.imshow(cos[0, :, :D // 2].T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+    a.set_xlabel("position m")
+    a.set_ylabel("plane i (frequency base^(-2i/D))")
+    a.set_title(f"cos(m * theta_i), D = {D}, base = {base:g}")
+    fig.colorbar(im, ax=a, fraction=0.04)
+
+    def at(x, pos):
+        c, s = rope_cos_sin(torch.tensor([[pos]]), D, base, torch.float32)
+        return apply_rope(x.view(1, 1, 1, D), c, s).view(D)
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(D, generator=g)
+    k = q + 0.5 * torch.randn(D, generator=g)                    # a key similar to the query
+    offsets = list(range(0, 64))
+    for m, style in ((0, "-"), (40, "--")):
+        b.plot(offsets, [float(at(q, m) @ at(k, m + d)) for d in offsets], style, label=f"query at m = {m}")
+    b.set_xlabel("offset n - m")
+    b.set_ylabel("<R(m) q, R(n) k>")
+    b.set_title("one q, k pair: the score depends on n - m only")
+    b.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def vlm_shapes(plt):
+    """Lesson 4: one synthetic scene from pixels to the LM's input sequence, shapes read off the real modules."""
+    import random
+    from matplotlib.patches import Rectangle
+    from nanovlm.projector import Projector, ProjectorConfig, pixel_shuffle
+    from nanovlm.siglip import SiglipConfig, SiglipViT, preprocess_image
+    from nanovlm.synthetic import random_scene
+
+    size, patch, f, width = 96, 16, 2, 128                       # the tiny preset's image, patch and widths
+    image, _ = random_scene(random.Random(3), size)
+    vit = SiglipViT(SiglipConfig(image_size=size, patch_size=patch, hidden_size=width, intermediate_size=4 * width,
+                                 num_hidden_layers=1, num_attention_heads=4))
+    projector = Projector(ProjectorConfig(vision_hidden=width, lm_hidden=width, shuffle_factor=f))
+    with torch.no_grad():
+        states = vit(preprocess_image(image, size)[None])         # (1, 36, 128)
+        shuffled = pixel_shuffle(states, f)                       # (1, 9, 512)
+        tokens = projector(states)                                # (1, 9, 128)
+    side, g = size // patch, size // patch // f
+    colours = plt.get_cmap("tab10")
+
+    def block_of(i):                                              # patch i (raster order) -> its 2x2 block
+        return (i // side) // f * g + (i % side) // f
+
+    fig = plt.figure(figsize=(12, 4.4))
+    grid = fig.add_gridspec(2, 4, height_ratios=[3.2, 0.9], hspace=0.15, wspace=0.25)
+    ax = fig.add_subplot(grid[0, 0])
+    ax.imshow(image)
+    for k in range(1, side):
+        ax.axhline(k * patch - 0.5, color="0.5", lw=0.6)
+        ax.axvline(k * patch - 0.5, color="0.5", lw=0.6)
+    ax.set_title(f"image 3 x {size} x {size}\n{side} x {side} patches of {patch} x {patch}")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+
+    def draw_grid(ax, n, label_of, colour_of, title):
+        for i in range(n * n):
+            r, c = divmod(i, n)
+            ax.add_patch(Rectangle((c, n - 1 - r), 0.94, 0.94, color=colours(colour_of(i)), alpha=0.35))
+            ax.text(c + 0.47, n - 1 - r + 0.47, label_of(i), ha="center", va="center", fontsize=7 if n > 4 else 8)
+        ax.set_xlim(0, n)
+        ax.set_ylim(0, n)
+        ax.set_aspect("equal")
+        ax.axis("off")
+        ax.set_title(title)
+
+    draw_grid(fig.add_subplot(grid[0, 1]), side, str, block_of,
+              f"ViT: {tuple(states.shape[1:])}\none token per patch")
+    members = {b: [i for i in range(side * side) if block_of(i) == b] for b in range(g * g)}
+    draw_grid(fig.add_subplot(grid[0, 2]), g, lambda b: "{} {}\n{} {}".format(*members[b]), lambda b: b,
+              f"pixel shuffle f={f}: {tuple(shuffled.shape[1:])}\n4 neighbours side by side")
+    draw_grid(fig.add_subplot(grid[0, 3]), g, lambda b: f"img {b}", lambda b: b,
+              f"projector MLP: {tuple(tokens.shape[1:])}\nthe LM's width")
+
+    ax = fig.add_subplot(grid[1, :])
+    seq = (["<|im_start|>", "user", "\\n", "<|vision_start|>"] + [f"pad {b}" for b in range(g * g)]
+           + ["<|vision_end|>", "\\n", "What", " colour", " ...", "<|im_end|>"])
+    x = 0.0
+    for tok in seq:
+        w = 0.55 + 0.085 * len(tok)
+        is_img = tok.startswith("pad")
+        ax.add_patch(Rectangle((x, 0), w - 0.08, 1, color=colours(int(tok[4:])) if is_img else "0.85",
+                               alpha=0.35 if is_img else 1.0))
+        ax.text(x + (w - 0.08) / 2, 0.5, tok, ha="center", va="center", fontsize=7)
+        x += w
+    ax.set_xlim(0, x)
+    ax.set_ylim(-0.1, 1.1)
+    ax.axis("off")
+    ax.set_title(f"the LM's input: {g * g} image-pad slots, their embeddings overwritten by the {g * g} projected "
+                 f"tokens, in order   (SigLIP-224: 196 x 768 -> 49 x 3072 -> 49 x 896)", fontsize=9)
+    return fig
+
+
+FIGURES = {
+    "attention_masks": attention_masks,
+    "rope_angles": rope_angles,
+    "vlm_shapes": vlm_shapes,
+}
+
+
+def save_small_png(fig, path, colors=48):
+    """Render at 100 dpi and store as a palette PNG: flat-colour plots lose nothing visible and shrink ~3x."""
+    from PIL import Image
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", pad_inches=0.08, metadata={"Software": None})
+    buf.seek(0)
+    img = Image.open(buf).convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    img.save(path, optimize=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default=str(LESSONS / "figures"), help="where the PNGs go")
+    p.add_argument("--only", nargs="*", choices=sorted(FIGURES), help="draw only these figures")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    torch.set_num_threads(1)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.only or FIGURES:
+        torch.manual_seed(0)
+        fig = FIGURES[name](plt)
+        save_small_png(fig, out / f"{name}.png")
+        plt.close(fig)
+        print(f"{out / name}.png  {(out / f'{name}.png').stat().st_size / 1024:.0f} KiB")
+
+
+if __name__ == "__main__":
+    main()
