@@ -198,10 +198,27 @@ def vlm_shapes(plt):
     return fig
 
 
+def overfit_one_batch(plt):
+    """Lesson 6: the loss of the lesson's own run, memorising one batch of the tiny VLM."""
+    ns = lesson("06_cross_entropy")
+    losses, shuffled = ns["losses"], ns["shuffled"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    ax.semilogy(range(len(losses)), losses, label="training loss (one batch of 8, AdamW lr 1e-2)")
+    ax.axhline(math.log(64), color="0.5", ls="--", lw=1, label="log V = log 64: uniform guessing")
+    ax.scatter([len(losses) - 1], [shuffled], color="C3", zorder=3, label="after training, images shuffled")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title("The tiny VLM memorises one batch, reading the answers from the images")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     "attention_masks": attention_masks,
     "rope_angles": rope_angles,
     "vlm_shapes": vlm_shapes,
+    "overfit_one_batch": overfit_one_batch,
 }
 
 
