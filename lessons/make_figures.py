@@ -214,11 +214,30 @@ def overfit_one_batch(plt):
     return fig
 
 
+def lr_schedule(plt):
+    """Lesson 7: train_utils.lr_at, linear warmup then cosine, to a floor of 10% and to 0."""
+    from nanovlm.train_utils import lr_at
+    T, w, base = 1000, 50, 1.0
+    fig, ax = plt.subplots(figsize=(6.5, 3.0))
+    for floor, style in ((0.1, "-"), (0.0, "--")):
+        ax.plot(range(T + 1), [lr_at(t, T, base, w, floor) for t in range(T + 1)], style,
+                label=f"min_lr_ratio = {floor}")
+    ax.axvline(w, color="0.7", lw=0.8)
+    ax.text(w + 8, 0.05, f"end of warmup ({w} steps)", fontsize=8, color="0.4")
+    ax.set_xlabel("step (of 1000)")
+    ax.set_ylabel("lr / base lr")
+    ax.set_title("lr_at: linear warmup, then a cosine down to the floor")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     "attention_masks": attention_masks,
     "rope_angles": rope_angles,
     "vlm_shapes": vlm_shapes,
     "overfit_one_batch": overfit_one_batch,
+    "lr_schedule": lr_schedule,
 }
 
 
