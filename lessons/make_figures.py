@@ -232,12 +232,47 @@ def lr_schedule(plt):
     return fig
 
 
+def newton_schulz(plt):
+    """Lesson 8: the quintic p(s) of muon.py, and p applied five times to each normalised singular value."""
+    from nanovlm.muon import NS_COEFFICIENTS
+    a, b, c = NS_COEFFICIENTS
+    p = lambda s: a * s + b * s ** 3 + c * s ** 5
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
+    s = torch.linspace(0, 1.2, 500, dtype=torch.float64)
+    left.plot(s, p(s), label="p(s) = a s + b s^3 + c s^5")
+    left.plot(s, s, color="0.6", ls=":", label="s")
+    left.axhline(1, color="0.8", lw=0.8)
+    left.scatter([1.0], [p(torch.tensor(1.0))], color="C3", zorder=3)
+    left.annotate(f"p(1) = {p(1.0):.3f}", (1.0, p(1.0)), xytext=(0.62, 0.35), fontsize=8,
+                  arrowprops=dict(arrowstyle="->", color="0.4"))
+    left.set_xlabel("singular value s (after dividing G by its Frobenius norm)")
+    left.set_ylabel("after one step")
+    left.set_title(f"one Newton-Schulz step: steep at 0 (slope {a}), not 1 at 1")
+    left.legend(frameon=False, fontsize=8)
+    grid = torch.logspace(-6, 0, 2000, dtype=torch.float64)
+    after = grid.clone()
+    for k in range(1, 6):
+        after = p(after)
+        if k in (1, 3, 5):
+            right.semilogx(grid, after, label=f"{k} step{'s' if k > 1 else ''}", lw=1.8 if k == 5 else 1.0)
+    right.axhspan(0.68, 1.21, color="C2", alpha=0.12, label="[0.68, 1.21]")
+    right.axvline(1.5e-3, color="0.5", ls="--", lw=0.8)
+    right.text(1.7e-3, 0.15, "1.5e-3", fontsize=8, color="0.35")
+    right.set_xlabel("normalised singular value before (log scale)")
+    right.set_ylabel("after k steps")
+    right.set_title("five steps put every value above ~1.5e-3 in [0.68, 1.21]")
+    right.legend(frameon=False, fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     "attention_masks": attention_masks,
     "rope_angles": rope_angles,
     "vlm_shapes": vlm_shapes,
     "overfit_one_batch": overfit_one_batch,
     "lr_schedule": lr_schedule,
+    "newton_schulz": newton_schulz,
 }
 
 
