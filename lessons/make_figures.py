@@ -266,6 +266,34 @@ def newton_schulz(plt):
     return fig
 
 
+def sampling(plt):
+    """Lesson 10: the lesson's logits under each knob, and informative GRPO groups against the temperature."""
+    ns = lesson("10_sampling")
+    z, kept, answers, right = ns["z"], ns["kept_distribution"], ns["answers"], ns["right"]
+    fig, (left, rt) = plt.subplots(1, 2, figsize=(11, 3.4))
+    variants = [("T = 1", kept(z)), ("T = 0.5", kept(z, temperature=0.5)), ("T = 2", kept(z, temperature=2.0)),
+                ("top-k 3", kept(z, top_k=3)), ("top-p 0.8", kept(z, top_p=0.8))]
+    width = 0.16
+    for j, (label, probs) in enumerate(variants):
+        left.bar(torch.arange(len(z)) + (j - 2) * width, probs, width, label=label)
+    left.set_xticks(range(len(z)))
+    left.set_xticklabels([f"tok {i}\nz={v:g}" for i, v in enumerate(z.tolist())], fontsize=8)
+    left.set_ylabel("probability")
+    left.set_title("one next-token distribution, five ways to sample it")
+    left.legend(frameon=False, fontsize=8)
+    temps = torch.logspace(-1.5, 1, 200)
+    for G in (4, 8, 16):
+        p = torch.stack([(answers / T).softmax(-1)[right] for T in temps])
+        rt.semilogx(temps, 1 - p ** G - (1 - p) ** G, label=f"G = {G}")
+    rt.axvline(1.0, color="0.7", lw=0.8)
+    rt.set_xlabel("sampling temperature T")
+    rt.set_ylabel("P(group not flat)")
+    rt.set_title("right answer = the model's 2nd choice: groups teach only when sampled warm")
+    rt.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     "attention_masks": attention_masks,
     "rope_angles": rope_angles,
@@ -273,6 +301,7 @@ FIGURES = {
     "overfit_one_batch": overfit_one_batch,
     "lr_schedule": lr_schedule,
     "newton_schulz": newton_schulz,
+    "sampling": sampling,
 }
 
 
