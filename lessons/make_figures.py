@@ -294,6 +294,49 @@ def sampling(plt):
     return fig
 
 
+def grpo_toy(plt):
+    """Lesson 11: the lesson's toy runs (grpo vs dr_grpo): reward, KL, entropy, clip fraction, lengths."""
+    ns = lesson("11_grpo")
+    runs = {k: v[0] for k, v in ns["runs"].items()}
+    fig, axes = plt.subplots(1, 5, figsize=(15, 3.1))
+    panels = [("reward", "mean reward of the samples"), ("kl", "KL(pi || start)"),
+              ("entropy", "policy entropy (nats)"), ("clip", "clipped fraction of tokens")]
+    for ax, (key, title) in zip(axes, panels):
+        for (loss_type, hist), colour in zip(runs.items(), ("C0", "C1")):
+            ax.plot(hist[key], color=colour, label=loss_type, lw=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+    ax = axes[4]
+    for (loss_type, hist), colour in zip(runs.items(), ("C0", "C1")):
+        ax.plot(hist["len_right"], color=colour, label=f"{loss_type}: right answers")
+        ax.plot(hist["len_wrong"], color=colour, ls="--", label=f"{loss_type}: wrong answers")
+    ax.set_title("expected length (tokens)", fontsize=9)
+    ax.set_xlabel("step")
+    ax.legend(frameon=False, fontsize=7)
+    axes[0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def flat_groups(plt):
+    """Lesson 11: P(flat group) = p^G + (1-p)^G, with groups sampled and counted by frac_zero_std_groups."""
+    from nanovlm.grpo import frac_zero_std_groups
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    p = torch.linspace(0, 1, 201, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    for G, colour in ((4, "C0"), (8, "C1"), (16, "C2")):
+        ax.plot(p, p ** G + (1 - p) ** G, color=colour, label=f"G = {G}")
+        qs = [0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95]
+        sampled = [frac_zero_std_groups((torch.rand(4000 * G, generator=g) < q).float(), G) for q in qs]
+        ax.scatter(qs, sampled, color=colour, s=12, zorder=3)
+    ax.set_xlabel("p = probability that a sampled answer is right")
+    ax.set_ylabel("P(flat group): no signal")
+    ax.set_title("p^G + (1-p)^G; dots: 4000 sampled groups each")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     "attention_masks": attention_masks,
     "rope_angles": rope_angles,
@@ -302,6 +345,8 @@ FIGURES = {
     "lr_schedule": lr_schedule,
     "newton_schulz": newton_schulz,
     "sampling": sampling,
+    "grpo_toy": grpo_toy,
+    "flat_groups": flat_groups,
 }
 
 
