@@ -79,7 +79,7 @@ def attention_masks(plt):
               ("KV cache: 6 cached, 2 new", cache.mask(2, T)[0], "bottom-right aligned")]
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
     for ax, (title, mask, note) in zip(axes, panels):
-        ax.imshow(mask.float(), cmap="Blues", vmin=0, vmax=1.25, aspect="equal")
+        ax.imshow(mask.float().numpy(), cmap="Blues", vmin=0, vmax=1.25, aspect="equal")
         ax.set_title(f"{title}\n{note}", fontsize=9)
         ax.set_xlabel("key position", fontsize=8)
         ax.set_xticks(range(mask.shape[1]))
@@ -100,7 +100,7 @@ def rope_angles(plt):
     D, base, T = 64, 10000.0, 128
     cos, _ = rope_cos_sin(torch.arange(T)[None], D, base, torch.float32)          # (1, T, D)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [1.35, 1]})
-    im = a.imshow(cos[0, :, :D // 2].T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+    im = a.imshow(cos[0, :, :D // 2].T.numpy(), aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
     a.set_xlabel("position m")
     a.set_ylabel("plane i (frequency base^(-2i/D))")
     a.set_title(f"cos(m * theta_i), D = {D}, base = {base:g}")
@@ -239,10 +239,10 @@ def newton_schulz(plt):
     p = lambda s: a * s + b * s ** 3 + c * s ** 5
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
     s = torch.linspace(0, 1.2, 500, dtype=torch.float64)
-    left.plot(s, p(s), label="p(s) = a s + b s^3 + c s^5")
-    left.plot(s, s, color="0.6", ls=":", label="s")
+    left.plot(s.numpy(), p(s).numpy(), label="p(s) = a s + b s^3 + c s^5")
+    left.plot(s.numpy(), s.numpy(), color="0.6", ls=":", label="s")
     left.axhline(1, color="0.8", lw=0.8)
-    left.scatter([1.0], [p(torch.tensor(1.0))], color="C3", zorder=3)
+    left.scatter([1.0], [p(1.0)], color="C3", zorder=3)
     left.annotate(f"p(1) = {p(1.0):.3f}", (1.0, p(1.0)), xytext=(0.62, 0.35), fontsize=8,
                   arrowprops=dict(arrowstyle="->", color="0.4"))
     left.set_xlabel("singular value s (after dividing G by its Frobenius norm)")
@@ -254,7 +254,7 @@ def newton_schulz(plt):
     for k in range(1, 6):
         after = p(after)
         if k in (1, 3, 5):
-            right.semilogx(grid, after, label=f"{k} step{'s' if k > 1 else ''}", lw=1.8 if k == 5 else 1.0)
+            right.semilogx(grid.numpy(), after.numpy(), label=f"{k} step{'s' if k > 1 else ''}", lw=1.8 if k == 5 else 1.0)
     right.axhspan(0.68, 1.21, color="C2", alpha=0.12, label="[0.68, 1.21]")
     right.axvline(1.5e-3, color="0.5", ls="--", lw=0.8)
     right.text(1.7e-3, 0.15, "1.5e-3", fontsize=8, color="0.35")
@@ -275,7 +275,7 @@ def sampling(plt):
                 ("top-k 3", kept(z, top_k=3)), ("top-p 0.8", kept(z, top_p=0.8))]
     width = 0.16
     for j, (label, probs) in enumerate(variants):
-        left.bar(torch.arange(len(z)) + (j - 2) * width, probs, width, label=label)
+        left.bar((torch.arange(len(z)) + (j - 2) * width).numpy(), probs.numpy(), width, label=label)
     left.set_xticks(range(len(z)))
     left.set_xticklabels([f"tok {i}\nz={v:g}" for i, v in enumerate(z.tolist())], fontsize=8)
     left.set_ylabel("probability")
@@ -284,7 +284,7 @@ def sampling(plt):
     temps = torch.logspace(-1.5, 1, 200)
     for G in (4, 8, 16):
         p = torch.stack([(answers / T).softmax(-1)[right] for T in temps])
-        rt.semilogx(temps, 1 - p ** G - (1 - p) ** G, label=f"G = {G}")
+        rt.semilogx(temps.numpy(), (1 - p ** G - (1 - p) ** G).numpy(), label=f"G = {G}")
     rt.axvline(1.0, color="0.7", lw=0.8)
     rt.set_xlabel("sampling temperature T")
     rt.set_ylabel("P(group not flat)")
@@ -325,7 +325,7 @@ def flat_groups(plt):
     p = torch.linspace(0, 1, 201, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     for G, colour in ((4, "C0"), (8, "C1"), (16, "C2")):
-        ax.plot(p, p ** G + (1 - p) ** G, color=colour, label=f"G = {G}")
+        ax.plot(p.numpy(), (p ** G + (1 - p) ** G).numpy(), color=colour, label=f"G = {G}")
         qs = [0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95]
         sampled = [frac_zero_std_groups((torch.rand(4000 * G, generator=g) < q).float(), G) for q in qs]
         ax.scatter(qs, sampled, color=colour, s=12, zorder=3)
