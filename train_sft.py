@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanovlm import lora
+from nanovlm import fsdp, lora
 from nanovlm import train_utils as tu
 from nanovlm import vlm_train as vt
 from nanovlm.cli import run_cli
@@ -39,23 +39,24 @@ def train(args):
     model.to(dist.device)
     model.cfg.system_prompt = args.system   # saved with the checkpoint: sampling uses the same chat template
     train_set, val_set = vt.datasets(args, model, tok, verbose=dist.is_main)
-    opt = vt.make_vlm_optimizer(model, args)   # adds the LoRA adapters first when --lora-rank > 0
-
-    # ---- resume: weights, optimizer, step and RNG from --out-dir ---------------------------------------------
-    start_step = 0
-    if args.resume:
-        if lora.has_lora(model):   # model.safetensors holds merged weights; the adapters are in train_state.pt
-            state = lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
-        else:
-            state = tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
-        start_step = state["step"]
-
+    vt.setup_trainable(model, args)   # LoRA adapters, frozen parts: before DDP or FSDP see the parameters
     raw = model   # the plain module: what checkpoints store and what loss_counts() is asked
-    if dist.ddp:
+    blocks = [*raw.vision.layers, *raw.lm.layers]
+    if args.grad_checkpointing:
+        tu.checkpoint_blocks(blocks)
+    if args.fsdp:   # shards in place: raw is the sharded model too
+        param_dtype = tu.resolve_dtype(dist.device, args.dtype)
+        model = fsdp.shard(model, blocks, None if param_dtype == torch.float32 else param_dtype)
+    elif dist.ddp:
         # A micro-batch of text-only samples leaves the vision tower and projector out of the graph; DDP must
         # then be told to look for unused parameters, or it waits for their gradients forever.
         text_only = any(not s["images"] for s in train_set.samples)
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=text_only)
+    opt = vt.make_vlm_optimizer(raw, args)   # after sharding: FSDP's parameters are the shards
+
+    # ---- resume: weights, optimizer, step and RNG from --out-dir ---------------------------------------------
+    start_step = vt.resume(out_dir, raw, opt, dist)["step"] if args.resume else 0
+
     ctx = tu.autocast_context(dist.device, args.dtype)
     scaler = tu.grad_scaler(dist.device, args.dtype)   # fp16 only: bf16 and fp32 need no loss scaling
     log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
@@ -91,6 +92,7 @@ def train(args):
                     parts[k] = parts.get(k, 0.0) + out[k].detach()
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP: a DTensor
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from safetensors.torch import load_model, save_model
+import torch.utils.checkpoint
+from safetensors.torch import load_model, save_file, save_model
 
 from nanovlm import weights
 from nanovlm.muon import Muon
@@ -90,10 +91,22 @@ def unwrap(model):
 
 
 def sync_context(model, sync):
-    """Gradient accumulation: DDP all-reduces gradients only on the last micro-step (sync=True)."""
+    """Gradient accumulation: DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-step
+    (sync=True); the earlier ones only accumulate locally."""
+    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def checkpoint_blocks(blocks):
+    """Activation checkpointing: each block keeps only its input for the backward pass and recomputes the rest
+    there (one more forward pass per block, ~1/3 more compute), instead of keeping every intermediate activation.
+    Done by replacing each block's forward with a checkpointed call of it, so parameter names do not change."""
+    for block in blocks:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -303,10 +316,13 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def save_checkpoint(path, model, config, *, optimizer=None, step=None, rng_states=None, extra=None, files=None):
-    """Write checkpoint directory `path`: config.json, model.safetensors, train_state.pt (if optimizer), files.
+def save_checkpoint(path, model, config, *, optimizer=None, step=None, rng_states=None, extra=None, files=None,
+                    state_dict=None, dirs=None):
+    """Write checkpoint directory `path`: config.json, model.safetensors, train_state.pt (if resumable), files.
 
     config: JSON-able dict (include "model_type"). files: {name: str contents or source Path} (vocab, tokenizer).
+    state_dict: the weights to write instead of model's own (FSDP: the full weights gathered from the shards);
+    dirs: {name: a directory already written elsewhere, moved in} (FSDP: the sharded train state, nanovlm/fsdp.py).
     Written into a temp directory beside `path`, fsynced, then swapped in with renames: the old checkpoint is
     moved aside to `.NAME.old` before the new one takes its name and is deleted only after. A crash leaves
     either the old or the new checkpoint (load_checkpoint falls back to `.NAME.old` if `path` is missing).
@@ -318,11 +334,17 @@ def save_checkpoint(path, model, config, *, optimizer=None, step=None, rng_state
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    save_model(unwrap(model), str(tmp / "model.safetensors"))  # handles tied weights (stored once)
-    if optimizer is not None:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_states or [rng_state()],
-                 "extra": extra or {}}
+    if state_dict is None:
+        save_model(unwrap(model), str(tmp / "model.safetensors"))  # handles tied weights (stored once)
+    else:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+    if optimizer is not None or dirs:   # a resumable checkpoint (FSDP: the optimizer's shards are in dirs)
+        state = {"step": step, "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                 "rng": rng_states or [rng_state()], "extra": extra or {}}
         torch.save(state, tmp / "train_state.pt")
+    for name, src in (dirs or {}).items():
+        os.rename(src, tmp / name)
     for name, content in (files or {}).items():
         if isinstance(content, Path):
             shutil.copyfile(content, tmp / name)
@@ -332,9 +354,10 @@ def save_checkpoint(path, model, config, *, optimizer=None, step=None, rng_state
         for f in path.iterdir():
             if f.is_file() and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     _fsync_dir(tmp)
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -26,7 +26,7 @@ import json
 
 import torch
 
-from nanovlm import lora
+from nanovlm import fsdp, lora
 from nanovlm import train_utils as tu
 from nanovlm.data import VLMDataset, collate, load_data, pack
 from nanovlm.numeric import NumericConfig, NumericVLM
@@ -123,6 +123,10 @@ def build_parser(doc, stage):
     a("--warmup-steps", type=int)
     a("--min-lr-ratio", type=float, help="after warmup, a cosine takes each learning rate down to lr x this")
     a("--grad-clip", type=float, default=1.0)
+    a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the processes "
+      "(FSDP2, fsdp.py) instead of replicating the model (DDP): for models whose replicas do not fit; AdamW only")
+    a("--grad-checkpointing", action="store_true", help="recompute each LM and ViT block's activations in the "
+      "backward pass instead of keeping them: less memory, ~1/3 more compute")
 
     a = p.add_argument_group("LoRA (lora.py)").add_argument
     a("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: off, train the weights themselves)")
@@ -167,6 +171,8 @@ def resolve_args(args):
         args.system = None
     if args.data is None:
         raise SystemExit(f"--data is required with --preset {args.preset} (e.g. --data llava.json --image-root images/)")
+    if getattr(args, "fsdp", False):
+        _check_fsdp(args)
     return args
 
 
@@ -219,15 +225,24 @@ def datasets(args, model, tok, verbose=True):
     return train_set, val_set
 
 
-def make_vlm_optimizer(model, args):
-    """AdamW, or Muon + AdamW (--optimizer muon), with one learning rate per part (0 freezes the part). With LoRA
-    (--lora-rank) the adapters are added first and train at their part's rate; the rest of an adapted part is
-    frozen (see lora.py)."""
+def setup_trainable(model, args):
+    """Decide what trains, before any wrapping (DDP registers hooks, FSDP shards, only what trains): with LoRA
+    (--lora-rank) add the adapters, which then train at their part's rate while the rest of an adapted part is
+    frozen (lora.py); freeze every part whose learning rate is 0."""
     if args.lora_rank:
         for part in {t.split(".")[0] for t in args.lora_targets}:
             if getattr(args, f"lr_{part}", None) == 0:
                 raise SystemExit(f"--lora-targets adapts {part!r} but --lr-{part} is 0: give it a learning rate")
         lora.apply_lora(model, args.lora_targets, args.lora_rank, args.lora_alpha, seed=args.seed)
+    for part in ("vision", "projector", "lm"):
+        if getattr(args, f"lr_{part}") == 0:
+            getattr(model, part).requires_grad_(False)
+    return model
+
+
+def make_vlm_optimizer(model, args):
+    """AdamW, or Muon + AdamW (--optimizer muon), with one learning rate per part (0 freezes the part). Call
+    setup_trainable first, and under FSDP after sharding (the optimizer must hold the sharded parameters)."""
     # Muon (muon.py) for the weight matrices of every linear layer; the embeddings, the output head, the patch
     # convolution, norms and biases (and the numeric head) stay on AdamW, as in modded-nanogpt and nanochat.
     matrices = [m.weight for part in (model.vision, model.projector, model.lm) for name, m in part.named_modules()
@@ -309,17 +324,31 @@ def sample_lengths(attention_mask):
 
 
 def save_vlm_checkpoint(out_dir, model, tok, opt, step, args, dist):
-    """Atomic checkpoint (call on every rank: the RNG states are gathered). With LoRA, model.safetensors holds
-    the merged weights (a plain VLM checkpoint) and train_state.pt the adapters, for an exact --resume."""
+    """Atomic checkpoint (call on every process: the RNG states are gathered, FSDP's shards written by each).
+    With LoRA, model.safetensors holds the merged weights (a plain VLM checkpoint) and train_state.pt the
+    adapters, for an exact --resume."""
     model = tu.unwrap(model)
     rngs = tu.gather_rng_states()
+    files = {"tokenizer.json": tok.tok.to_str(), "args.json": json.dumps(vars(args), indent=2)}
+    if fsdp.is_sharded(model):
+        fsdp.save(out_dir, model, opt, model.cfg.to_dict(), step, files, rng_states=rngs)
+        return
     if dist.is_main:
         extra = lora.save_extra(model)   # the adapters, taken before merged() swaps them out
         with lora.merged(model):
             tu.save_checkpoint(out_dir, model, model.cfg.to_dict(), optimizer=opt, step=step, rng_states=rngs,
-                               extra=extra,
-                               files={"tokenizer.json": tok.tok.to_str(), "args.json": json.dumps(vars(args), indent=2)})
+                               extra=extra, files=files)
     tu.barrier()
+
+
+def resume(out_dir, model, opt, dist):
+    """Load --out-dir's checkpoint into the model and optimizer (and this process's RNG state); returns the train
+    state ({"step", ...}). Three layouts: FSDP shards, LoRA (merged weights + adapters), plain."""
+    if fsdp.is_sharded(model):
+        return fsdp.load(out_dir, model, opt, dist.rank)
+    if lora.has_lora(model):   # model.safetensors holds merged weights; the adapters are in train_state.pt
+        return lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
+    return tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
 
 
 def batches(dataset, args, dist, start_step, pad_id):
@@ -354,14 +383,32 @@ def evaluate_loss(model, dataset, args, dist, pad_id, ctx):
     make_batch = batch_maker(args, pad_id)
     total, count = 0.0, 0
     n = min(len(dataset), args.eval_samples)
-    for i in range(dist.rank * args.batch_size, n, args.batch_size * dist.world_size):
-        b = to_device(make_batch([dataset[j] for j in range(i, min(i + args.batch_size, n))]), dist.device)
+    starts = list(range(dist.rank * args.batch_size, n, args.batch_size * dist.world_size))
+    if fsdp.is_sharded(model):   # every process must run as many forward passes (each all-gathers weights)
+        n_batches = -(-n // (args.batch_size * dist.world_size))
+        starts += [None] * (n_batches - len(starts))
+    for i in starts:
+        first = 0 if i is None else i   # a process with no samples left repeats one batch and ignores it
+        b = to_device(make_batch([dataset[j] for j in range(first, min(first + args.batch_size, n))]), dist.device)
         with ctx:
             out = tu.unwrap(model)(**b)
-        total += float(out["loss"]) * int(out["n_tokens"])
-        count += int(out["n_tokens"])
+        if i is not None:
+            total += float(out["loss"]) * int(out["n_tokens"])
+            count += int(out["n_tokens"])
     stats = torch.tensor([total, count], dtype=torch.float64, device=dist.device)
     if dist.ddp:
         torch.distributed.all_reduce(stats)
     model.train()
     return float(stats[0] / stats[1].clamp(min=1))
+
+
+# ---- argument checks ------------------------------------------------------------------------------------------
+
+
+def _check_fsdp(args):
+    if args.optimizer == "muon":
+        raise SystemExit("--fsdp shards every weight matrix, and Muon needs whole matrices: use --optimizer adamw")
+    if args.lora_rank:
+        raise SystemExit("--fsdp with --lora-rank: LoRA trains few parameters and fits DDP; drop --fsdp")
+    if args.dtype == "fp16":
+        raise SystemExit("--fsdp computes in bf16 (or fp32): fp16 would need a sharded loss scaler; use --dtype bf16")

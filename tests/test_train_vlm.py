@@ -222,3 +222,51 @@ def test_fp16_run(tmp_path, data_dir):
     import json
     rows = [json.loads(line) for line in open(tmp_path / "fp16" / "metrics.jsonl")]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+@pytest.mark.slow
+def test_fsdp_equals_one_process_and_resumes_exactly(tmp_path, data_dir):
+    """FSDP2 on 2 gloo processes (parameters, gradients and AdamW state sharded; gradient accumulation with the
+    reduce-scatter skipped on the first micro-batch) trains the weights one process trains with 4 micro-batches,
+    exports them as a plain model.safetensors, and --resume from its sharded state continues exactly."""
+    from nanovlm.vlm import VLM
+    common = ["train_sft.py", "--data-dir", data_dir, *FAST, "--optimizer", "adamw", "--eval-answers", "0"]
+    run(common + ["--max-steps", "3", "--grad-accum", "4", "--out-dir", str(tmp_path / "one")])
+    run(common + ["--max-steps", "3", "--grad-accum", "2", "--fsdp", "--out-dir", str(tmp_path / "fsdp")], nproc=2)
+    assert (tmp_path / "fsdp" / "train_state.dcp").is_dir()
+    assert frac_apart(weights(tmp_path / "one"), weights(tmp_path / "fsdp")) == 0
+    VLM.from_pretrained(tmp_path / "fsdp")   # the export is an ordinary checkpoint
+    resumed = ["--max-steps", "3", "--grad-accum", "2", "--fsdp", "--out-dir", str(tmp_path / "resumed")]
+    run(common + resumed + ["--stop-at-step", "2"], nproc=2)
+    run(common + resumed + ["--resume"], nproc=2)
+    assert max_rel_diff(weights(tmp_path / "fsdp"), weights(tmp_path / "resumed")) == 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Recomputing each block's activations in the backward pass changes memory, not the gradients."""
+    from nanovlm import train_utils as tu
+    from nanovlm.projector import ProjectorConfig
+    from nanovlm.qwen2 import Qwen2Config
+    from nanovlm.siglip import SiglipConfig
+    from nanovlm.vlm import VLM, VLMConfig
+    cfg = VLMConfig(lm=Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2),
+                    vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
+                                        num_hidden_layers=2, num_attention_heads=4),
+                    projector=ProjectorConfig(shuffle_factor=2), image_token_id=5)
+
+    def grads(checkpointed):
+        torch.manual_seed(0)
+        model = VLM(cfg).train()
+        if checkpointed:
+            tu.checkpoint_blocks([*model.vision.layers, *model.lm.layers])
+        calls = []
+        model.lm.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+        ids = torch.tensor([[1, 5, 5, 5, 5, 7, 8, 9], [2, 3, 5, 5, 5, 5, 4, 6]])
+        model(ids, torch.randn(2, 3, 32, 32), labels=ids)["loss"].backward()
+        assert len(calls) == (2 if checkpointed else 1)   # checkpointed: run again in the backward pass
+        return {n: p.grad for n, p in model.named_parameters()}
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-6), n
