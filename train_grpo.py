@@ -273,7 +273,8 @@ def main(argv=None):
     ref_model = reference_model(model, args)
     start_step = resume(out_dir, model, opt, dist)["step"] if args.resume else 0
     ctx = tu.autocast_context(dist.device, args.dtype)
-    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
+    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None,
+                           wandb_project=args.wandb, config=vars(args))
     if dist.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"grpo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M "
@@ -307,6 +308,7 @@ def main(argv=None):
                      title="GRPO: training reward, held-out answers")
         if step + 1 == args.stop_at_step:
             break
+    log.finish()
     if before is not None:
         print(f"\nheld-out answers before GRPO ({args.val_data}):\n{format_report(before)}")
     if report is not None:   # the evaluation after the last step

@@ -59,7 +59,8 @@ def train(args):
 
     ctx = tu.autocast_context(dist.device, args.dtype)
     scaler = tu.grad_scaler(dist.device, args.dtype)   # fp16 only: bf16 and fp32 need no loss scaling
-    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
+    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None,
+                           wandb_project=args.wandb, config=vars(args))
     if dist.is_main:
         n_params = sum(p.numel() for p in raw.parameters())
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
@@ -119,6 +120,7 @@ def train(args):
             log.plot(["loss", "val_loss"], "loss.png", title=f"{args.stage} loss", logy=True)
         if step + 1 == args.stop_at_step:
             break
+    log.finish()
     return lora.merge_lora(raw), tok, args, dist   # as saved: plain layers, any adapters folded in
 
 

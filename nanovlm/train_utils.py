@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -408,12 +409,18 @@ class MetricsLogger:
     """Append one JSON line per log() to out_dir/metrics.jsonl; plot(keys) draws them vs step (main rank only).
 
     On resume pass resume_step: earlier lines up to that step are kept, later ones (from the lost run) dropped.
+    wandb_project: also log every row to Weights & Biases (pip install wandb; WANDB_MODE=offline works without a
+    network); the run's id is kept in out_dir/wandb_run_id, so --resume continues the same run. wandb is imported
+    only when asked for.
     """
 
-    def __init__(self, out_dir, is_main=True, resume_step=None):
+    def __init__(self, out_dir, is_main=True, resume_step=None, wandb_project=None, config=None):
         self.is_main, self.path, self.rows = is_main, Path(out_dir) / "metrics.jsonl", []
+        self.wandb = None
         if not is_main:
             return
+        if wandb_project:
+            self.wandb = _wandb_run(wandb_project, Path(out_dir), config, resume=resume_step is not None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -428,6 +435,13 @@ class MetricsLogger:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def finish(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
     def plot(self, keys, filename, title=None, logy=False):
         """One PNG with a line per key (only rows that have that key), x = step."""
@@ -450,6 +464,19 @@ class MetricsLogger:
         fig.tight_layout()
         fig.savefig(self.path.parent / filename, dpi=100)
         plt.close(fig)
+
+
+def _wandb_run(project, out_dir, config, resume):
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("--wandb needs the wandb package: pip install wandb (or pip install -e '.[wandb]')") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    id_file = out_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", dir=str(out_dir), config=config,
+                      name=out_dir.name)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -151,6 +151,8 @@ def build_parser(doc, stage):
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on GPU)")
     a("--num-workers", type=int, default=-1, help="DataLoader workers (-1: 0 on CPU, 4 on GPU)")
     a("--seed", type=int, default=0)
+    a("--wandb", metavar="PROJECT", help="also log metrics to this Weights & Biases project (pip install wandb; "
+      "WANDB_MODE=offline to log without a network)")
     a("--stop-at-step", type=int, help=argparse.SUPPRESS)   # tests: stop with a checkpoint, as if interrupted
     return p
 
@@ -199,6 +201,7 @@ def build_model(args, dist):
         torch.manual_seed(args.seed)
         model = VLM(cfg)
     else:
+        fetch_once_per_machine([args.lm, args.vision], dist)
         tok = Tokenizer.from_dir(resolve_checkpoint(args.lm))
         model = VLM.from_backbones(args.lm, args.vision, ProjectorConfig(shuffle_factor=2, slot_embedding=args.slot_embedding),
                                    image_token_id=tok.image_pad, stop_token_ids=(tok.im_end, tok.endoftext),
@@ -211,6 +214,16 @@ def build_model(args, dist):
     if isinstance(model, NumericVLM):
         model.cfg.numeric.loss_weight = args.numeric_loss_weight
     return model, tok
+
+
+def fetch_once_per_machine(checkpoints, dist):
+    """Hub downloads happen once per machine: its first process (local rank 0) fetches every hub id into the hub
+    cache while the machine's other processes wait, then all read the cached files. (8 processes downloading the
+    same files at once would be 8 downloads racing into one cache.) Local directories are left as they are."""
+    if dist.local_rank == 0:
+        for c in checkpoints:
+            resolve_checkpoint(c)
+    tu.barrier()
 
 
 def datasets(args, model, tok, verbose=True):
