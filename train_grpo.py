@@ -66,6 +66,8 @@ def parse_args(argv=None):
     args = resolve_args(p.parse_args(argv))
     if not args.init_from:
         raise SystemExit(f"--init-from is required with --preset {args.preset}: the SFT checkpoint to improve")
+    if args.batch_tokens:
+        raise SystemExit("--batch-tokens is for SFT and pretraining: GRPO's --batch-size counts prompts")
     if args.fsdp:
         raise SystemExit("train_grpo.py replicates the model (DDP): for a model too big for that, train LoRA "
                          "adapters (--lora-rank), whose reference model comes free")

@@ -44,6 +44,9 @@ def train(args):
     blocks = [*raw.vision.layers, *raw.lm.layers]
     if args.grad_checkpointing:
         tu.checkpoint_blocks(blocks)
+    if args.compile:   # block by block: shapes change with every packed batch, and blocks share one compiled graph
+        for block in blocks:
+            block.compile(dynamic=True)
     if args.fsdp:   # shards in place: raw is the sharded model too
         param_dtype = tu.resolve_dtype(dist.device, args.dtype)
         model = fsdp.shard(model, blocks, None if param_dtype == torch.float32 else param_dtype)

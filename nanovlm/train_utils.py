@@ -66,6 +66,9 @@ def setup_distributed(device="auto"):
         device = f"cuda:{local_rank}"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
+        # fp32 matrix products on tensor cores in TF32 (10-bit mantissa, fp32 range): what stays fp32 under bf16
+        # autocast, and whole fp32 runs, go several times faster for a rounding far below training noise.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ddp = world_size > 1
     if ddp and not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
@@ -275,6 +278,41 @@ def batch_indices(step, micro_step, rank, world_size, micro_batch, accum, n_samp
         order = _epoch_order(n_samples, seed, int(epoch), global_batch if lengths else None, lengths)
         out[sel] = order[positions[sel] % n_samples]
     return out.tolist()
+
+
+def token_batch_indices(step, micro_step, rank, world_size, accum, lengths, seed, budget):
+    """Sample indices for one micro-batch of at most `budget` tokens (--batch-tokens), instead of a fixed count.
+
+    Each epoch's permutation (as in batch_indices) is cut, in order, into micro-batches whose lengths add up to
+    at most `budget`; the micro-batches of all epochs form one stream, and step `step` takes the next
+    accum * world_size of them, this call number micro_step * world_size + rank. A pure function of its
+    arguments, like batch_indices: resume is exact and 2 ranks read what 1 rank reads in 2 micro-steps.
+    lengths: a tuple of token counts, one per sample."""
+    k = (step * accum + micro_step) * world_size + rank
+    epoch = 0
+    while k >= _n_token_batches(lengths, seed, epoch, budget):
+        k -= _n_token_batches(lengths, seed, epoch, budget)
+        epoch += 1
+    return _token_batches(lengths, seed, epoch, budget)[k]
+
+
+@functools.lru_cache(maxsize=4)
+def _token_batches(lengths, seed, epoch, budget):
+    batches, current, used = [], [], 0
+    for i in _epoch_order(len(lengths), seed, epoch).tolist():
+        if lengths[i] > budget:
+            raise ValueError(f"a sample of {lengths[i]} tokens does not fit --batch-tokens {budget}")
+        if current and used + lengths[i] > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    return batches + [current] if current else batches
+
+
+@functools.lru_cache(maxsize=None)
+def _n_token_batches(lengths, seed, epoch, budget):
+    return len(_token_batches(lengths, seed, epoch, budget))
 
 
 # --------------------------------------------------------------------------------------------------------------

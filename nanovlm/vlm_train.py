@@ -59,13 +59,18 @@ PRESETS = {
                      lr_projector=0.0, lr_lm=1e-4, max_new_tokens=24, num_generations=8, reward_funcs=["ocr"],
                      out_dir="out/grpo"),
     },
+    # 16k tokens per micro-batch and GPU: the 0.5B LM's AdamW state is ~8 GB and its bf16 activations ~1.2 MB a
+    # token (24 layers), ~20 GB at 16k tokens, so an 80 GB GPU has room to spare (benchmarks/gpu_check.py measures
+    # the peak). On 8 GPUs a step is ~130k tokens, about a LLaVA global batch of 128 conversations.
     "qwen2.5-0.5b-siglip": {
         "common": dict(lm="Qwen/Qwen2.5-0.5B-Instruct", vision="google/siglip-base-patch16-224", image_size=224,
-                       max_length=1024, pack=True, batch_size=8, grad_accum=4, warmup_steps=100, weight_decay=0.0,
+                       max_length=1024, pack=True, batch_size=8, grad_accum=1, warmup_steps=100, weight_decay=0.0,
                        eval_every=500, save_every=1000, system=DEFAULT_SYSTEM, optimizer="adamw",
                        min_lr_ratio=0.1),
-        "pretrain": dict(max_steps=5000, lr_vision=0.0, lr_projector=1e-3, lr_lm=0.0, out_dir="out/pretrain"),
-        "sft": dict(max_steps=5000, lr_vision=0.0, lr_projector=1e-4, lr_lm=2e-5, out_dir="out/sft"),
+        "pretrain": dict(max_steps=5000, batch_tokens=16384, lr_vision=0.0, lr_projector=1e-3, lr_lm=0.0,
+                         out_dir="out/pretrain"),
+        "sft": dict(max_steps=5000, batch_tokens=16384, lr_vision=0.0, lr_projector=1e-4, lr_lm=2e-5,
+                    out_dir="out/sft"),
         "grpo": dict(max_steps=1000, batch_size=4, grad_accum=1, warmup_steps=20, save_every=100, lr_vision=0.0,
                      lr_projector=0.0, lr_lm=1e-6, max_new_tokens=256, num_generations=8,
                      reward_funcs=["ocr", "format"], out_dir="out/grpo"),
@@ -113,6 +118,8 @@ def build_parser(doc, stage):
     a = p.add_argument_group("optimisation").add_argument
     a("--max-steps", type=int)
     a("--batch-size", type=int, help="samples per micro-batch per process")
+    a("--batch-tokens", type=int, help="instead of --batch-size: as many samples per micro-batch as fit this many "
+      "tokens (packed into rows of --max-length), so a micro-batch fills the GPU whatever the sample lengths")
     a("--grad-accum", type=int, help="micro-batches per optimizer step")
     a("--optimizer", choices=["adamw", "muon"], help="muon: Muon for the linear layers' weight matrices, AdamW "
       "for the rest (muon.py); adamw: AdamW for everything")
@@ -125,6 +132,8 @@ def build_parser(doc, stage):
     a("--grad-clip", type=float, default=1.0)
     a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the processes "
       "(FSDP2, fsdp.py) instead of replicating the model (DDP): for models whose replicas do not fit; AdamW only")
+    a("--compile", action="store_true", help="torch.compile each LM and ViT block (fused kernels; the first "
+      "steps are slow while it compiles)")
     a("--grad-checkpointing", action="store_true", help="recompute each LM and ViT block's activations in the "
       "backward pass instead of keeping them: less memory, ~1/3 more compute")
 
@@ -162,9 +171,12 @@ def resolve_args(args):
     preset = PRESETS[args.preset]
     if args.patch_size is not None and "patch_size" not in preset["common"]:
         raise SystemExit(f"--patch-size is for the tiny preset; --preset {args.preset} uses its vision tower's own")
+    given = {k for k, v in vars(args).items() if v is not None}
     for key, value in {**preset["common"], **preset[args.stage]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if "batch_size" in given and "batch_tokens" not in given:
+        args.batch_tokens = None   # an explicit --batch-size wins over the preset's token budget
     if args.data_dir:  # the synthetic dataset's files live wherever --data-dir puts them
         data = [args.data] if isinstance(args.data, str) else args.data or []
         args.data = [d.format(data_dir=args.data_dir) for d in data] or None
@@ -175,6 +187,9 @@ def resolve_args(args):
         raise SystemExit(f"--data is required with --preset {args.preset} (e.g. --data llava.json --image-root images/)")
     if getattr(args, "fsdp", False):
         _check_fsdp(args)
+    if getattr(args, "batch_tokens", None) is not None and args.batch_tokens < args.max_length:
+        raise SystemExit(f"--batch-tokens {args.batch_tokens} < --max-length {args.max_length}: a longest sample "
+                         "would not fit a micro-batch")
     return args
 
 
@@ -365,13 +380,18 @@ def resume(out_dir, model, opt, dist):
 
 
 def batches(dataset, args, dist, start_step, pad_id):
-    """A DataLoader whose batch order is train_utils.batch_indices: exact on resume, DDP == accumulation."""
-    lengths = tuple(dataset.lengths) if args.group_by_length else None
+    """A DataLoader whose batch order is train_utils.batch_indices (or token_batch_indices with --batch-tokens):
+    exact on resume, DDP == accumulation."""
+    lengths = tuple(dataset.lengths)
     def order():
         for step in range(start_step, args.max_steps):
             for micro in range(args.grad_accum):
-                yield tu.batch_indices(step, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
-                                       len(dataset), args.seed, lengths)
+                if args.batch_tokens:
+                    yield tu.token_batch_indices(step, micro, dist.rank, dist.world_size, args.grad_accum, lengths,
+                                                 args.seed, args.batch_tokens)
+                else:
+                    yield tu.batch_indices(step, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
+                                           len(dataset), args.seed, lengths if args.group_by_length else None)
     workers = args.num_workers if args.num_workers >= 0 else (4 if "cuda" in str(dist.device) else 0)
     return torch.utils.data.DataLoader(dataset, batch_sampler=list(order()), num_workers=workers,
                                        collate_fn=batch_maker(args, pad_id), pin_memory="cuda" in str(dist.device))

@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -275,3 +276,24 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     assert len(records) == 1
     data = records[0].read_bytes()
     assert b"loss" in data and b"0.125" in data
+
+
+def test_token_batches_fill_a_budget_and_cover_each_epoch():
+    """--batch-tokens: micro-batches of at most `budget` tokens, each sample once per epoch, and the same pure
+    function of (step, micro-step, rank) as batch_indices: 2 ranks read what 1 rank reads in 2 micro-steps."""
+    rng = np.random.default_rng(0)
+    lengths = tuple(int(x) for x in rng.integers(5, 60, size=50))
+    budget = 100
+    one = [tu.token_batch_indices(step, m, 0, 1, 2, lengths, 7, budget) for step in range(12) for m in range(2)]
+    two = [tu.token_batch_indices(step, 0, r, 2, 1, lengths, 7, budget) for step in range(12) for r in range(2)]
+    assert one == two
+    assert all(sum(lengths[i] for i in b) <= budget for b in one)
+    # greedy: the next sample of the epoch's order would not have fit
+    first_epoch = tu._token_batches(lengths, 7, 0, budget)
+    assert sorted(i for b in first_epoch for i in b) == list(range(50))
+    for b, nxt in zip(first_epoch, first_epoch[1:]):
+        assert sum(lengths[i] for i in b) + lengths[nxt[0]] > budget
+    # the stream runs on into the next epochs
+    assert one[len(first_epoch)] == tu._token_batches(lengths, 7, 1, budget)[0]
+    with pytest.raises(ValueError, match="does not fit --batch-tokens 30"):
+        tu.token_batch_indices(0, 0, 0, 1, 1, lengths, 7, 30)

@@ -272,3 +272,26 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == ckpt.keys()
     for n in plain:
         assert torch.allclose(plain[n], ckpt[n], atol=1e-6), n
+
+
+@pytest.mark.slow
+def test_batch_tokens_ddp_equals_accumulation(tmp_path, data_dir):
+    """--batch-tokens: micro-batches by token budget; 2 processes read what 1 process reads in 2 micro-steps."""
+    common = ["train_sft.py", "--data-dir", data_dir, *FAST, "--batch-tokens", "400", "--max-steps", "2",
+              "--optimizer", "adamw", "--eval-answers", "0"]
+    run(common + ["--grad-accum", "2", "--out-dir", str(tmp_path / "accum")])
+    run(common + ["--grad-accum", "1", "--out-dir", str(tmp_path / "ddp")], nproc=2)
+    assert frac_apart(weights(tmp_path / "accum"), weights(tmp_path / "ddp")) == 0
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same(tmp_path, data_dir):
+    """--compile (torch.compile of each block; inductor on the CPU) gives the losses of the eager run."""
+    import json
+    common = ["train_sft.py", "--data-dir", data_dir, *FAST, "--max-steps", "2", "--log-every", "1",
+              "--optimizer", "adamw", "--eval-answers", "0"]
+    run(common + ["--out-dir", str(tmp_path / "eager")])
+    run(common + ["--compile", "--out-dir", str(tmp_path / "compiled")])
+    losses = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if "loss" in r]
+              for d in ("eager", "compiled")]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
