@@ -8,7 +8,7 @@ Offline, on the embedded default (tiny model, synthetic OCR task, CPU), after tr
     python sample.py --ckpt out/grpo --image data/synthetic/images/val/ocr_000000.png \\
         --prompt "What is the text in the image?"
 How much there is to gain, before training: pass@8 against the greedy score (GRPO reinforces the better of
-the sampled answers, so pass@k is a rough ceiling for the greedy score; README, stage 3):
+the sampled answers, so pass@k is a rough ceiling for the greedy score; lesson 11):
     python sample.py --ckpt out/sft --eval data/synthetic/ocr_val.jsonl --limit 500 --num-samples 8 --temperature 1
 
 Real weights (GPUs), after stage 2:
