@@ -8,7 +8,7 @@ Offline, on the embedded default (tiny model, synthetic OCR task, CPU), after tr
     python sample.py --ckpt out/grpo --image data/synthetic/images/val/ocr_000000.png \\
         --prompt "What is the text in the image?"
 How much there is to gain, before training: pass@8 against the greedy score (GRPO reinforces the better of
-the sampled answers, so pass@k is a rough ceiling for the greedy score; README, stage 3):
+the sampled answers, so pass@k is a rough ceiling for the greedy score; lesson 11):
     python sample.py --ckpt out/sft --eval data/synthetic/ocr_val.jsonl --limit 500 --num-samples 8 --temperature 1
 
 Real weights (GPUs), after stage 2:
@@ -41,7 +41,8 @@ from nanovlm.cli import run_cli
 from nanovlm.data import fit_lengths, load_data, load_image
 from nanovlm.evaluate import evaluate_answers, format_report
 from nanovlm.numeric import NumericVLM
-from nanovlm.vlm_train import build_model, build_parser, make_vlm_optimizer, resolve_args, save_vlm_checkpoint
+from nanovlm.vlm_train import (build_model, build_parser, make_vlm_optimizer, resolve_args, resume, save_vlm_checkpoint,
+                               setup_trainable)
 
 
 def parse_args(argv=None):
@@ -65,6 +66,11 @@ def parse_args(argv=None):
     args = resolve_args(p.parse_args(argv))
     if not args.init_from:
         raise SystemExit(f"--init-from is required with --preset {args.preset}: the SFT checkpoint to improve")
+    if args.batch_tokens:
+        raise SystemExit("--batch-tokens is for SFT and pretraining: GRPO's --batch-size counts prompts")
+    if args.fsdp:
+        raise SystemExit("train_grpo.py replicates the model (DDP): for a model too big for that, train LoRA "
+                         "adapters (--lora-rank), whose reference model comes free")
     if args.num_generations < 2:
         raise SystemExit("--num-generations must be >= 2: advantages compare completions of the same prompt")
     if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
@@ -263,17 +269,14 @@ def main(argv=None):
     model.to(dist.device)
     samples, lengths = load_prompts(args, tok, model.cfg, verbose=dist.is_main)
     lengths = tuple(lengths) if args.group_by_length else None   # prompts of similar length: less padding
-    opt = make_vlm_optimizer(model, args)   # adds the LoRA adapters when --lora-rank > 0
+    opt = make_vlm_optimizer(setup_trainable(model, args), args)   # LoRA adapters first when --lora-rank > 0
+    if args.grad_checkpointing:
+        tu.checkpoint_blocks([*model.vision.layers, *model.lm.layers])
     ref_model = reference_model(model, args)
-    start_step = 0
-    if args.resume:
-        if lora.has_lora(model):   # model.safetensors holds merged weights; the adapters are in train_state.pt
-            state = lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
-        else:
-            state = tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
-        start_step = state["step"]
+    start_step = resume(out_dir, model, opt, dist)["step"] if args.resume else 0
     ctx = tu.autocast_context(dist.device, args.dtype)
-    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
+    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None,
+                           wandb_project=args.wandb, config=vars(args))
     if dist.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"grpo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M "
@@ -307,6 +310,7 @@ def main(argv=None):
                      title="GRPO: training reward, held-out answers")
         if step + 1 == args.stop_at_step:
             break
+    log.finish()
     if before is not None:
         print(f"\nheld-out answers before GRPO ({args.val_data}):\n{format_report(before)}")
     if report is not None:   # the evaluation after the last step

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanovlm import lora
+from nanovlm import fsdp, lora
 from nanovlm import train_utils as tu
 from nanovlm import vlm_train as vt
 from nanovlm.cli import run_cli
@@ -39,27 +39,31 @@ def train(args):
     model.to(dist.device)
     model.cfg.system_prompt = args.system   # saved with the checkpoint: sampling uses the same chat template
     train_set, val_set = vt.datasets(args, model, tok, verbose=dist.is_main)
-    opt = vt.make_vlm_optimizer(model, args)   # adds the LoRA adapters first when --lora-rank > 0
-
-    # ---- resume: weights, optimizer, step and RNG from --out-dir ---------------------------------------------
-    start_step = 0
-    if args.resume:
-        if lora.has_lora(model):   # model.safetensors holds merged weights; the adapters are in train_state.pt
-            state = lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
-        else:
-            state = tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
-        start_step = state["step"]
-
+    vt.setup_trainable(model, args)   # LoRA adapters, frozen parts: before DDP or FSDP see the parameters
     raw = model   # the plain module: what checkpoints store and what loss_counts() is asked
-    if dist.ddp:
+    blocks = [*raw.vision.layers, *raw.lm.layers]
+    if args.grad_checkpointing:
+        tu.checkpoint_blocks(blocks)
+    if args.compile:   # block by block: shapes change with every packed batch, and blocks share one compiled graph
+        for block in blocks:
+            block.compile(dynamic=True)
+    if args.fsdp:   # shards in place: raw is the sharded model too
+        param_dtype = tu.resolve_dtype(dist.device, args.dtype)
+        model = fsdp.shard(model, blocks, None if param_dtype == torch.float32 else param_dtype)
+    elif dist.ddp:
         # A micro-batch of text-only samples leaves the vision tower and projector out of the graph; DDP must
         # then be told to look for unused parameters, or it waits for their gradients forever.
         text_only = any(not s["images"] for s in train_set.samples)
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=text_only)
+    opt = vt.make_vlm_optimizer(raw, args)   # after sharding: FSDP's parameters are the shards
+
+    # ---- resume: weights, optimizer, step and RNG from --out-dir ---------------------------------------------
+    start_step = vt.resume(out_dir, raw, opt, dist)["step"] if args.resume else 0
+
     ctx = tu.autocast_context(dist.device, args.dtype)
     scaler = tu.grad_scaler(dist.device, args.dtype)   # fp16 only: bf16 and fp32 need no loss scaling
-    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
-    flops_per_token = vt.flops_per_token(raw, args)
+    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None,
+                           wandb_project=args.wandb, config=vars(args))
     if dist.is_main:
         n_params = sum(p.numel() for p in raw.parameters())
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
@@ -71,7 +75,7 @@ def train(args):
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                disable=not dist.is_main, desc=args.stage)
     model.train()
-    t0, tokens, losses = time.time(), 0, []
+    t0, tokens, flops, losses = time.time(), 0, 0, []
     for step in bar:
         lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps, args.min_lr_ratio)
         micro_batches = [next(loader) for _ in range(args.grad_accum)]
@@ -81,7 +85,8 @@ def train(args):
         norm = tu.global_counts([raw.loss_counts(b) for b in micro_batches], dist)
         loss, parts = 0.0, {}
         for micro, b in enumerate(micro_batches):
-            tokens += int((b["attention_mask"] > 0).sum())   # a CPU tensor: no device sync
+            tokens += int((b["attention_mask"] > 0).sum())   # counted on the CPU tensors: no device sync
+            flops += vt.train_flops(raw, b)
             with tu.sync_context(model, micro == args.grad_accum - 1), ctx:
                 out = model(**vt.to_device(b, dist.device), **norm)
             scaler.scale(out["loss"]).backward()
@@ -91,6 +96,7 @@ def train(args):
                     parts[k] = parts.get(k, 0.0) + out[k].detach()
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP: a DTensor
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -101,11 +107,11 @@ def train(args):
             loss = tu.check_losses(losses, step, dist)   # this process's losses since the last log, mean over processes
             dt = time.time() - t0
             tok_s = tokens * dist.world_size / max(dt, 1e-9)
-            mfu = tu.mfu(tok_s / dist.world_size, flops_per_token, dist.device)
+            mfu = tu.mfu(flops / max(dt, 1e-9), dist.device)   # this process's FLOP/s over its device's peak
             log.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
                     **({"mfu": mfu} if mfu is not None else {}), **{k: float(v) for k, v in parts.items()})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
-            t0, tokens, losses = time.time(), 0, []
+            t0, tokens, flops, losses = time.time(), 0, 0, []
         if val_set is not None and ((step + 1) % args.eval_every == 0 or last):
             val = vt.evaluate_loss(model, val_set, args, dist, tok.endoftext, ctx)
             log.log(step, val_loss=val)
@@ -117,6 +123,7 @@ def train(args):
             log.plot(["loss", "val_loss"], "loss.png", title=f"{args.stage} loss", logy=True)
         if step + 1 == args.stop_at_step:
             break
+    log.finish()
     return lora.merge_lora(raw), tok, args, dist   # as saved: plain layers, any adapters folded in
 
 

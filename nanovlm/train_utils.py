@@ -24,14 +24,17 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from safetensors.torch import load_model, save_model
+import torch.utils.checkpoint
+from safetensors.torch import load_model, save_file, save_model
 
 from nanovlm import weights
 from nanovlm.muon import Muon
@@ -63,6 +66,9 @@ def setup_distributed(device="auto"):
         device = f"cuda:{local_rank}"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
+        # fp32 matrix products on tensor cores in TF32 (10-bit mantissa, fp32 range): what stays fp32 under bf16
+        # autocast, and whole fp32 runs, go several times faster for a rounding far below training noise.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ddp = world_size > 1
     if ddp and not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
@@ -89,10 +95,22 @@ def unwrap(model):
 
 
 def sync_context(model, sync):
-    """Gradient accumulation: DDP all-reduces gradients only on the last micro-step (sync=True)."""
+    """Gradient accumulation: DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-step
+    (sync=True); the earlier ones only accumulate locally."""
+    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def checkpoint_blocks(blocks):
+    """Activation checkpointing: each block keeps only its input for the backward pass and recomputes the rest
+    there (one more forward pass per block, ~1/3 more compute), instead of keeping every intermediate activation.
+    Done by replacing each block's forward with a checkpointed call of it, so parameter names do not change."""
+    for block in blocks:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,6 +280,41 @@ def batch_indices(step, micro_step, rank, world_size, micro_batch, accum, n_samp
     return out.tolist()
 
 
+def token_batch_indices(step, micro_step, rank, world_size, accum, lengths, seed, budget):
+    """Sample indices for one micro-batch of at most `budget` tokens (--batch-tokens), instead of a fixed count.
+
+    Each epoch's permutation (as in batch_indices) is cut, in order, into micro-batches whose lengths add up to
+    at most `budget`; the micro-batches of all epochs form one stream, and step `step` takes the next
+    accum * world_size of them, this call number micro_step * world_size + rank. A pure function of its
+    arguments, like batch_indices: resume is exact and 2 ranks read what 1 rank reads in 2 micro-steps.
+    lengths: a tuple of token counts, one per sample."""
+    k = (step * accum + micro_step) * world_size + rank
+    epoch = 0
+    while k >= _n_token_batches(lengths, seed, epoch, budget):
+        k -= _n_token_batches(lengths, seed, epoch, budget)
+        epoch += 1
+    return _token_batches(lengths, seed, epoch, budget)[k]
+
+
+@functools.lru_cache(maxsize=4)
+def _token_batches(lengths, seed, epoch, budget):
+    batches, current, used = [], [], 0
+    for i in _epoch_order(len(lengths), seed, epoch).tolist():
+        if lengths[i] > budget:
+            raise ValueError(f"a sample of {lengths[i]} tokens does not fit --batch-tokens {budget}")
+        if current and used + lengths[i] > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    return batches + [current] if current else batches
+
+
+@functools.lru_cache(maxsize=None)
+def _n_token_batches(lengths, seed, epoch, budget):
+    return len(_token_batches(lengths, seed, epoch, budget))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # RNG states
 
@@ -302,10 +355,13 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def save_checkpoint(path, model, config, *, optimizer=None, step=None, rng_states=None, extra=None, files=None):
-    """Write checkpoint directory `path`: config.json, model.safetensors, train_state.pt (if optimizer), files.
+def save_checkpoint(path, model, config, *, optimizer=None, step=None, rng_states=None, extra=None, files=None,
+                    state_dict=None, dirs=None):
+    """Write checkpoint directory `path`: config.json, model.safetensors, train_state.pt (if resumable), files.
 
     config: JSON-able dict (include "model_type"). files: {name: str contents or source Path} (vocab, tokenizer).
+    state_dict: the weights to write instead of model's own (FSDP: the full weights gathered from the shards);
+    dirs: {name: a directory already written elsewhere, moved in} (FSDP: the sharded train state, nanovlm/fsdp.py).
     Written into a temp directory beside `path`, fsynced, then swapped in with renames: the old checkpoint is
     moved aside to `.NAME.old` before the new one takes its name and is deleted only after. A crash leaves
     either the old or the new checkpoint (load_checkpoint falls back to `.NAME.old` if `path` is missing).
@@ -317,11 +373,17 @@ def save_checkpoint(path, model, config, *, optimizer=None, step=None, rng_state
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    save_model(unwrap(model), str(tmp / "model.safetensors"))  # handles tied weights (stored once)
-    if optimizer is not None:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_states or [rng_state()],
-                 "extra": extra or {}}
+    if state_dict is None:
+        save_model(unwrap(model), str(tmp / "model.safetensors"))  # handles tied weights (stored once)
+    else:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+    if optimizer is not None or dirs:   # a resumable checkpoint (FSDP: the optimizer's shards are in dirs)
+        state = {"step": step, "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                 "rng": rng_states or [rng_state()], "extra": extra or {}}
         torch.save(state, tmp / "train_state.pt")
+    for name, src in (dirs or {}).items():
+        os.rename(src, tmp / name)
     for name, content in (files or {}).items():
         if isinstance(content, Path):
             shutil.copyfile(content, tmp / name)
@@ -331,9 +393,10 @@ def save_checkpoint(path, model, config, *, optimizer=None, step=None, rng_state
         for f in path.iterdir():
             if f.is_file() and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     _fsync_dir(tmp)
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -384,12 +447,18 @@ class MetricsLogger:
     """Append one JSON line per log() to out_dir/metrics.jsonl; plot(keys) draws them vs step (main rank only).
 
     On resume pass resume_step: earlier lines up to that step are kept, later ones (from the lost run) dropped.
+    wandb_project: also log every row to Weights & Biases (pip install wandb; WANDB_MODE=offline works without a
+    network); the run's id is kept in out_dir/wandb_run_id, so --resume continues the same run. wandb is imported
+    only when asked for.
     """
 
-    def __init__(self, out_dir, is_main=True, resume_step=None):
+    def __init__(self, out_dir, is_main=True, resume_step=None, wandb_project=None, config=None):
         self.is_main, self.path, self.rows = is_main, Path(out_dir) / "metrics.jsonl", []
+        self.wandb = None
         if not is_main:
             return
+        if wandb_project:
+            self.wandb = _wandb_run(wandb_project, Path(out_dir), config, resume=resume_step is not None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -404,6 +473,13 @@ class MetricsLogger:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def finish(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
     def plot(self, keys, filename, title=None, logy=False):
         """One PNG with a line per key (only rows that have that key), x = step."""
@@ -428,29 +504,55 @@ class MetricsLogger:
         plt.close(fig)
 
 
+def _wandb_run(project, out_dir, config, resume):
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("--wandb needs the wandb package: pip install wandb (or pip install -e '.[wandb]')") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    id_file = out_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", dir=str(out_dir), config=config,
+                      name=out_dir.name)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Throughput
 
-# Dense bf16 peak FLOP/s (no sparsity), from the vendors' datasheets; matched by substring of the device name.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                   "A10G": 70e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Dense bf16 peak FLOP/s (no sparsity, FP32 accumulate), from the vendors' datasheets. Matched against the device
+# name in this order, so the more specific names come first ("H100 PCIe" before "H100", "L40S" before "L40" before
+# "L4"). A name matching none of them gives no MFU rather than a wrong one.
+PEAK_BF16_FLOPS = [("H200 NVL", 835e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
+                   ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+                   ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
 
 
 def peak_flops(device):
     """Peak bf16 FLOP/s of a CUDA device, or None (CPU, unknown GPU)."""
     if not str(device).startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(torch.device(device)))
+
+
+def peak_flops_of(name):
+    """The peak for a device name (torch.cuda.get_device_name), or None when the table does not know it."""
+    for pattern, flops in PEAK_BF16_FLOPS:
+        if re.search(rf"\b{re.escape(pattern)}\b", name):
+            return flops
+    return None
 
 
 def flops_per_token(n_params, n_layers, seq_len, d_model):
-    """Training FLOPs per token: 6N for the matmuls (2 forward + 4 backward per weight) plus 12 * L * T * d for
-    attention scores and weighted sum (PaLM appendix B; full T x T counted, as in nanoGPT's estimate_mfu)."""
+    """nanoGPT's estimate of training FLOPs per token for a decoder whose every weight trains on every token:
+    6N for the matmuls (2 forward + 4 backward per weight) plus 12 * L * T * d for attention scores and weighted
+    sums at sequence length T (PaLM appendix B; the full T x T, as nanoGPT's estimate_mfu). train_gpt.py uses
+    it (fixed-length sequences); the VLM counts what runs instead (vlm_train.train_flops)."""
     return 6 * n_params + 12 * n_layers * seq_len * d_model
 
 
-def mfu(tokens_per_s, flops_per_tok, device):
-    """Model FLOPs utilisation in [0, 1], or None where no peak is known (CPU)."""
+def mfu(flops_per_s, device):
+    """Model FLOPs utilisation in [0, 1]: achieved FLOP/s (counted as in vlm_train.train_flops) over the device's
+    peak, or None where no peak is known (CPU)."""
     peak = peak_flops(device)
-    return None if peak is None else tokens_per_s * flops_per_tok / peak
+    return None if peak is None else flops_per_s / peak

@@ -26,7 +26,7 @@ import json
 
 import torch
 
-from nanovlm import lora
+from nanovlm import fsdp, lora
 from nanovlm import train_utils as tu
 from nanovlm.data import VLMDataset, collate, load_data, pack
 from nanovlm.numeric import NumericConfig, NumericVLM
@@ -59,13 +59,18 @@ PRESETS = {
                      lr_projector=0.0, lr_lm=1e-4, max_new_tokens=24, num_generations=8, reward_funcs=["ocr"],
                      out_dir="out/grpo"),
     },
+    # 16k tokens per micro-batch and GPU: the 0.5B LM's AdamW state is ~8 GB and its bf16 activations ~1.2 MB a
+    # token (24 layers), ~20 GB at 16k tokens, so an 80 GB GPU has room to spare (benchmarks/gpu_check.py measures
+    # the peak). On 8 GPUs a step is ~130k tokens, about a LLaVA global batch of 128 conversations.
     "qwen2.5-0.5b-siglip": {
         "common": dict(lm="Qwen/Qwen2.5-0.5B-Instruct", vision="google/siglip-base-patch16-224", image_size=224,
-                       max_length=1024, pack=True, batch_size=8, grad_accum=4, warmup_steps=100, weight_decay=0.0,
+                       max_length=1024, pack=True, batch_size=8, grad_accum=1, warmup_steps=100, weight_decay=0.0,
                        eval_every=500, save_every=1000, system=DEFAULT_SYSTEM, optimizer="adamw",
                        min_lr_ratio=0.1),
-        "pretrain": dict(max_steps=5000, lr_vision=0.0, lr_projector=1e-3, lr_lm=0.0, out_dir="out/pretrain"),
-        "sft": dict(max_steps=5000, lr_vision=0.0, lr_projector=1e-4, lr_lm=2e-5, out_dir="out/sft"),
+        "pretrain": dict(max_steps=5000, batch_tokens=16384, lr_vision=0.0, lr_projector=1e-3, lr_lm=0.0,
+                         out_dir="out/pretrain"),
+        "sft": dict(max_steps=5000, batch_tokens=16384, lr_vision=0.0, lr_projector=1e-4, lr_lm=2e-5,
+                    out_dir="out/sft"),
         "grpo": dict(max_steps=1000, batch_size=4, grad_accum=1, warmup_steps=20, save_every=100, lr_vision=0.0,
                      lr_projector=0.0, lr_lm=1e-6, max_new_tokens=256, num_generations=8,
                      reward_funcs=["ocr", "format"], out_dir="out/grpo"),
@@ -113,6 +118,8 @@ def build_parser(doc, stage):
     a = p.add_argument_group("optimisation").add_argument
     a("--max-steps", type=int)
     a("--batch-size", type=int, help="samples per micro-batch per process")
+    a("--batch-tokens", type=int, help="instead of --batch-size: as many samples per micro-batch as fit this many "
+      "tokens (packed into rows of --max-length), so a micro-batch fills the GPU whatever the sample lengths")
     a("--grad-accum", type=int, help="micro-batches per optimizer step")
     a("--optimizer", choices=["adamw", "muon"], help="muon: Muon for the linear layers' weight matrices, AdamW "
       "for the rest (muon.py); adamw: AdamW for everything")
@@ -123,6 +130,12 @@ def build_parser(doc, stage):
     a("--warmup-steps", type=int)
     a("--min-lr-ratio", type=float, help="after warmup, a cosine takes each learning rate down to lr x this")
     a("--grad-clip", type=float, default=1.0)
+    a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the processes "
+      "(FSDP2, fsdp.py) instead of replicating the model (DDP): for models whose replicas do not fit; AdamW only")
+    a("--compile", action="store_true", help="torch.compile each LM and ViT block (fused kernels; the first "
+      "steps are slow while it compiles)")
+    a("--grad-checkpointing", action="store_true", help="recompute each LM and ViT block's activations in the "
+      "backward pass instead of keeping them: less memory, ~1/3 more compute")
 
     a = p.add_argument_group("LoRA (lora.py)").add_argument
     a("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: off, train the weights themselves)")
@@ -147,6 +160,8 @@ def build_parser(doc, stage):
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on GPU)")
     a("--num-workers", type=int, default=-1, help="DataLoader workers (-1: 0 on CPU, 4 on GPU)")
     a("--seed", type=int, default=0)
+    a("--wandb", metavar="PROJECT", help="also log metrics to this Weights & Biases project (pip install wandb; "
+      "WANDB_MODE=offline to log without a network)")
     a("--stop-at-step", type=int, help=argparse.SUPPRESS)   # tests: stop with a checkpoint, as if interrupted
     return p
 
@@ -156,9 +171,12 @@ def resolve_args(args):
     preset = PRESETS[args.preset]
     if args.patch_size is not None and "patch_size" not in preset["common"]:
         raise SystemExit(f"--patch-size is for the tiny preset; --preset {args.preset} uses its vision tower's own")
+    given = {k for k, v in vars(args).items() if v is not None}
     for key, value in {**preset["common"], **preset[args.stage]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if "batch_size" in given and "batch_tokens" not in given:
+        args.batch_tokens = None   # an explicit --batch-size wins over the preset's token budget
     if args.data_dir:  # the synthetic dataset's files live wherever --data-dir puts them
         data = [args.data] if isinstance(args.data, str) else args.data or []
         args.data = [d.format(data_dir=args.data_dir) for d in data] or None
@@ -167,6 +185,11 @@ def resolve_args(args):
         args.system = None
     if args.data is None:
         raise SystemExit(f"--data is required with --preset {args.preset} (e.g. --data llava.json --image-root images/)")
+    if getattr(args, "fsdp", False):
+        _check_fsdp(args)
+    if getattr(args, "batch_tokens", None) is not None and args.batch_tokens < args.max_length:
+        raise SystemExit(f"--batch-tokens {args.batch_tokens} < --max-length {args.max_length}: a longest sample "
+                         "would not fit a micro-batch")
     return args
 
 
@@ -193,6 +216,7 @@ def build_model(args, dist):
         torch.manual_seed(args.seed)
         model = VLM(cfg)
     else:
+        fetch_once_per_machine([args.lm, args.vision], dist)
         tok = Tokenizer.from_dir(resolve_checkpoint(args.lm))
         model = VLM.from_backbones(args.lm, args.vision, ProjectorConfig(shuffle_factor=2, slot_embedding=args.slot_embedding),
                                    image_token_id=tok.image_pad, stop_token_ids=(tok.im_end, tok.endoftext),
@@ -207,6 +231,16 @@ def build_model(args, dist):
     return model, tok
 
 
+def fetch_once_per_machine(checkpoints, dist):
+    """Hub downloads happen once per machine: its first process (local rank 0) fetches every hub id into the hub
+    cache while the machine's other processes wait, then all read the cached files. (8 processes downloading the
+    same files at once would be 8 downloads racing into one cache.) Local directories are left as they are."""
+    if dist.local_rank == 0:
+        for c in checkpoints:
+            resolve_checkpoint(c)
+    tu.barrier()
+
+
 def datasets(args, model, tok, verbose=True):
     """(training set, validation set or None), tokenized with the model's image size and chat template, every
     sample checked up front (data.py); verbose: print one summary line per data file (the main process)."""
@@ -219,15 +253,24 @@ def datasets(args, model, tok, verbose=True):
     return train_set, val_set
 
 
-def make_vlm_optimizer(model, args):
-    """AdamW, or Muon + AdamW (--optimizer muon), with one learning rate per part (0 freezes the part). With LoRA
-    (--lora-rank) the adapters are added first and train at their part's rate; the rest of an adapted part is
-    frozen (see lora.py)."""
+def setup_trainable(model, args):
+    """Decide what trains, before any wrapping (DDP registers hooks, FSDP shards, only what trains): with LoRA
+    (--lora-rank) add the adapters, which then train at their part's rate while the rest of an adapted part is
+    frozen (lora.py); freeze every part whose learning rate is 0."""
     if args.lora_rank:
         for part in {t.split(".")[0] for t in args.lora_targets}:
             if getattr(args, f"lr_{part}", None) == 0:
                 raise SystemExit(f"--lora-targets adapts {part!r} but --lr-{part} is 0: give it a learning rate")
         lora.apply_lora(model, args.lora_targets, args.lora_rank, args.lora_alpha, seed=args.seed)
+    for part in ("vision", "projector", "lm"):
+        if getattr(args, f"lr_{part}") == 0:
+            getattr(model, part).requires_grad_(False)
+    return model
+
+
+def make_vlm_optimizer(model, args):
+    """AdamW, or Muon + AdamW (--optimizer muon), with one learning rate per part (0 freezes the part). Call
+    setup_trainable first, and under FSDP after sharding (the optimizer must hold the sharded parameters)."""
     # Muon (muon.py) for the weight matrices of every linear layer; the embeddings, the output head, the patch
     # convolution, norms and biases (and the numeric head) stay on AdamW, as in modded-nanogpt and nanochat.
     matrices = [m.weight for part in (model.vision, model.projector, model.lm) for name, m in part.named_modules()
@@ -240,41 +283,115 @@ def make_vlm_optimizer(model, args):
     return tu.make_optimizer(groups, weight_decay=args.weight_decay, muon_params=matrices)
 
 
-def flops_per_token(model, args):
-    """Training FLOPs per LM token, for MFU: every weight costs 2 in the forward pass; a trained weight 4 more in
-    the backward pass (input and weight gradients); a frozen LM or projector still passes gradients back (2)
-    when anything before it trains. (A per-token approximation: the vision tower's work per image is spread
-    over tokens.)"""
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_lm_proj = sum(p.numel() for part in (model.lm, model.projector) for p in part.parameters() if not p.requires_grad)
-    n_frozen_vision = sum(p.numel() for p in model.vision.parameters() if not p.requires_grad)
-    upstream_trains = any(p.requires_grad for part in (model.vision, model.projector) for p in part.parameters())
-    return (tu.flops_per_token(n_train, model.cfg.lm.num_hidden_layers, args.max_length, model.cfg.lm.hidden_size)
-            + (4 if upstream_trains else 2) * n_lm_proj + 2 * n_frozen_vision)
+def train_flops(model, batch):
+    """FLOPs of one forward and backward pass of `model` over a collated (CPU) batch, counting what runs, for MFU.
+
+    Matrix products cost 2 FLOPs per multiply-add. Each weight's forward runs over the tokens it sees: the ViT
+    over the patches of the batch's images, the projector over their image tokens, the LM over the real (not
+    padding) tokens, the output head only over the labelled positions. Attention scores and weighted sums are
+    counted per sample: L (L + 1) / 2 query-key pairs for a causal sample of L tokens, P^2 for an image of P
+    patches. The backward pass costs 2x a layer's forward for the input gradient when anything before the layer
+    trains (a gradient must pass through it), plus 2x for the weight gradient when its weight trains. Norms,
+    activations, biases and embedding lookups are left out: a few percent at most."""
+    cfg, lm, vit = model.cfg, model.lm, model.vision
+    total, grad = 0, False      # grad: does a gradient have to flow back into the current layer's input?
+
+    def linear(module, n):      # an nn.Linear (or LoRA-wrapped one) applied to n tokens
+        nonlocal total, grad
+        if isinstance(module, lora.LoRALinear):   # the frozen base, then the two thin adapter products
+            linear(module.base, n)
+            r, (out_f, in_f) = module.lora_A.shape[0], module.base.weight.shape
+            total, grad = total + 3 * 2 * r * (in_f + out_f) * n, True
+            return
+        trains = module.weight.requires_grad
+        total += 2 * module.weight.numel() * n * (1 + grad + trains)
+        grad = grad or trains
+
+    def attention(pairs, width):   # QK^T and the weighted sum of V: 2 products of `width` channels per pair
+        nonlocal total
+        total += 2 * 2 * pairs * width * (1 + 2 * grad)
+
+    n_images = batch["pixel_values"].shape[0]
+    if n_images:
+        patches = (cfg.image_size // cfg.vision.patch_size) ** 2
+        conv = vit.embeddings.patch_embedding
+        trains = conv.weight.requires_grad
+        total += 2 * conv.weight.numel() * n_images * patches * (1 + trains)
+        grad = trains
+        for layer in vit.layers:
+            a = layer.self_attn
+            for m in (a.q_proj, a.k_proj, a.v_proj):
+                linear(m, n_images * patches)
+            attention(n_images * patches ** 2, cfg.vision.hidden_size)
+            for m in (a.out_proj, layer.fc1, layer.fc2):
+                linear(m, n_images * patches)
+        linear(model.projector.fc1, n_images * cfg.image_tokens)
+        linear(model.projector.fc2, n_images * cfg.image_tokens)
+    grad = grad or lm.embed_tokens.weight.requires_grad
+    lengths = sample_lengths(batch["attention_mask"])
+    n_real, pairs = sum(lengths), sum(L * (L + 1) // 2 for L in lengths)
+    for layer in lm.layers:
+        a, m = layer.attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj):
+            linear(lin, n_real)
+        attention(pairs, lm.cfg.num_attention_heads * lm.cfg.head_dim)
+        for lin in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            linear(lin, n_real)
+    n_labelled = int((batch["labels"][:, 1:] != -100).sum())
+    linear(lm.lm_head if lm.lm_head is not None else lm.embed_tokens, n_labelled)   # tied: the embedding matrix
+    return total
+
+
+def sample_lengths(attention_mask):
+    """Token counts of the samples in a batch: one per row (0/1 mask) or several per packed row (1, 2, ...)."""
+    lengths = []
+    for row in attention_mask.long():
+        ids, counts = torch.unique_consecutive(row, return_counts=True)
+        lengths += [int(c) for i, c in zip(ids.tolist(), counts.tolist()) if i > 0]
+    return lengths
 
 
 def save_vlm_checkpoint(out_dir, model, tok, opt, step, args, dist):
-    """Atomic checkpoint (call on every rank: the RNG states are gathered). With LoRA, model.safetensors holds
-    the merged weights (a plain VLM checkpoint) and train_state.pt the adapters, for an exact --resume."""
+    """Atomic checkpoint (call on every process: the RNG states are gathered, FSDP's shards written by each).
+    With LoRA, model.safetensors holds the merged weights (a plain VLM checkpoint) and train_state.pt the
+    adapters, for an exact --resume."""
     model = tu.unwrap(model)
     rngs = tu.gather_rng_states()
+    files = {"tokenizer.json": tok.tok.to_str(), "args.json": json.dumps(vars(args), indent=2)}
+    if fsdp.is_sharded(model):
+        fsdp.save(out_dir, model, opt, model.cfg.to_dict(), step, files, rng_states=rngs)
+        return
     if dist.is_main:
         extra = lora.save_extra(model)   # the adapters, taken before merged() swaps them out
         with lora.merged(model):
             tu.save_checkpoint(out_dir, model, model.cfg.to_dict(), optimizer=opt, step=step, rng_states=rngs,
-                               extra=extra,
-                               files={"tokenizer.json": tok.tok.to_str(), "args.json": json.dumps(vars(args), indent=2)})
+                               extra=extra, files=files)
     tu.barrier()
 
 
+def resume(out_dir, model, opt, dist):
+    """Load --out-dir's checkpoint into the model and optimizer (and this process's RNG state); returns the train
+    state ({"step", ...}). Three layouts: FSDP shards, LoRA (merged weights + adapters), plain."""
+    if fsdp.is_sharded(model):
+        return fsdp.load(out_dir, model, opt, dist.rank)
+    if lora.has_lora(model):   # model.safetensors holds merged weights; the adapters are in train_state.pt
+        return lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
+    return tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
+
+
 def batches(dataset, args, dist, start_step, pad_id):
-    """A DataLoader whose batch order is train_utils.batch_indices: exact on resume, DDP == accumulation."""
-    lengths = tuple(dataset.lengths) if args.group_by_length else None
+    """A DataLoader whose batch order is train_utils.batch_indices (or token_batch_indices with --batch-tokens):
+    exact on resume, DDP == accumulation."""
+    lengths = tuple(dataset.lengths)
     def order():
         for step in range(start_step, args.max_steps):
             for micro in range(args.grad_accum):
-                yield tu.batch_indices(step, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
-                                       len(dataset), args.seed, lengths)
+                if args.batch_tokens:
+                    yield tu.token_batch_indices(step, micro, dist.rank, dist.world_size, args.grad_accum, lengths,
+                                                 args.seed, args.batch_tokens)
+                else:
+                    yield tu.batch_indices(step, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
+                                           len(dataset), args.seed, lengths if args.group_by_length else None)
     workers = args.num_workers if args.num_workers >= 0 else (4 if "cuda" in str(dist.device) else 0)
     return torch.utils.data.DataLoader(dataset, batch_sampler=list(order()), num_workers=workers,
                                        collate_fn=batch_maker(args, pad_id), pin_memory="cuda" in str(dist.device))
@@ -299,14 +416,32 @@ def evaluate_loss(model, dataset, args, dist, pad_id, ctx):
     make_batch = batch_maker(args, pad_id)
     total, count = 0.0, 0
     n = min(len(dataset), args.eval_samples)
-    for i in range(dist.rank * args.batch_size, n, args.batch_size * dist.world_size):
-        b = to_device(make_batch([dataset[j] for j in range(i, min(i + args.batch_size, n))]), dist.device)
+    starts = list(range(dist.rank * args.batch_size, n, args.batch_size * dist.world_size))
+    if fsdp.is_sharded(model):   # every process must run as many forward passes (each all-gathers weights)
+        n_batches = -(-n // (args.batch_size * dist.world_size))
+        starts += [None] * (n_batches - len(starts))
+    for i in starts:
+        first = 0 if i is None else i   # a process with no samples left repeats one batch and ignores it
+        b = to_device(make_batch([dataset[j] for j in range(first, min(first + args.batch_size, n))]), dist.device)
         with ctx:
             out = tu.unwrap(model)(**b)
-        total += float(out["loss"]) * int(out["n_tokens"])
-        count += int(out["n_tokens"])
+        if i is not None:
+            total += float(out["loss"]) * int(out["n_tokens"])
+            count += int(out["n_tokens"])
     stats = torch.tensor([total, count], dtype=torch.float64, device=dist.device)
     if dist.ddp:
         torch.distributed.all_reduce(stats)
     model.train()
     return float(stats[0] / stats[1].clamp(min=1))
+
+
+# ---- argument checks ------------------------------------------------------------------------------------------
+
+
+def _check_fsdp(args):
+    if args.optimizer == "muon":
+        raise SystemExit("--fsdp shards every weight matrix, and Muon needs whole matrices: use --optimizer adamw")
+    if args.lora_rank:
+        raise SystemExit("--fsdp with --lora-rank: LoRA trains few parameters and fits DDP; drop --fsdp")
+    if args.dtype == "fp16":
+        raise SystemExit("--fsdp computes in bf16 (or fp32): fp16 would need a sharded loss scaler; use --dtype bf16")

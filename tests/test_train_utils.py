@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,4 +158,142 @@ def test_metrics_logger_jsonl_plot_and_resume(tmp_path):
 
 def test_throughput_formulas():
     assert tu.flops_per_token(1000, 2, 8, 4) == 6 * 1000 + 12 * 2 * 8 * 4
-    assert tu.mfu(1e6, 1e6, "cpu") is None and tu.peak_flops("cpu") is None
+    assert tu.mfu(1e12, "cpu") is None and tu.peak_flops("cpu") is None
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12), ("NVIDIA GeForce RTX 4090", 165e12),
+    ("NVIDIA A10G", None), ("Tesla T4", None)])
+def test_peak_table_matches_the_right_device(name, peak):
+    """The most specific name wins ("L40" is not an "L4", "H100 PCIe" not an SXM H100); unknown: no MFU."""
+    assert tu.peak_flops_of(name) == peak
+
+
+def test_train_flops_by_hand():
+    """vlm_train.train_flops against a hand count on a tiny VLM: one packed row of two samples (3 and 5 tokens),
+    one 8x8 image of 4 patches (1 image token after the 2x2 shuffle), 2 labelled positions."""
+    from nanovlm.projector import ProjectorConfig
+    from nanovlm.qwen2 import Qwen2Config
+    from nanovlm.siglip import SiglipConfig
+    from nanovlm.vlm import VLM, VLMConfig
+    from nanovlm.vlm_train import train_flops
+    cfg = VLMConfig(lm=Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),
+                    vision=SiglipConfig(image_size=8, patch_size=4, hidden_size=8, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2),
+                    projector=ProjectorConfig(shuffle_factor=2), image_token_id=5)
+    model = VLM(cfg)
+    labels = torch.full((1, 8), -100)
+    labels[0, 2], labels[0, 7] = 4, 4
+    batch = dict(attention_mask=torch.tensor([[1, 1, 1, 2, 2, 2, 2, 2]]), labels=labels,
+                 pixel_values=torch.zeros(1, 3, 8, 8))
+    # Forward FLOPs, 2 per multiply-add. Vision, 4 patches: conv 3*4*4*8 weights, q/k/v/out 8x8, fc1/fc2 8x16;
+    # attention 4^2 pairs x 8 channels x 2 products. Projector, 1 token: fc1 32x8, fc2 8x8.
+    # LM, 8 real tokens: q 8x8, k/v 8x4, o 8x8, gate/up/down 8x16; attention 3*4/2 + 5*6/2 = 21 causal pairs x
+    # (2 heads x 4) channels x 2 products; the tied head 8x32 at the 2 labelled positions.
+    conv, vqkv, vattn, vout, vmlp = 2 * 384 * 4, 3 * 2 * 64 * 4, 2 * 2 * 16 * 8, 2 * 64 * 4, 2 * 2 * 128 * 4
+    pfc1, pfc2 = 2 * 256, 2 * 64
+    q, kv, lattn, o, mlp, head = 2 * 64 * 8, 2 * 2 * 32 * 8, 2 * 2 * 21 * 8, 2 * 64 * 8, 3 * 2 * 128 * 8, 2 * 256 * 2
+    vision_linear, lm_linear = vqkv + vout + vmlp, q + kv + o + mlp
+    # Everything trains: every layer 3x its forward (input and weight gradients), except the first, the patch
+    # convolution, which has nothing before it to pass a gradient to (2x); attention cores 3x.
+    assert train_flops(model, batch) == (2 * conv + 3 * vision_linear + 3 * vattn + 3 * (pfc1 + pfc2)
+                                         + 3 * lm_linear + 3 * lattn + 3 * head)
+    # The vision tower frozen: it runs forward only; the projector's fc1 gets a weight gradient but passes none
+    # back (2x); everything after it 3x.
+    model.vision.requires_grad_(False)
+    assert train_flops(model, batch) == (conv + vision_linear + vattn + 2 * pfc1 + 3 * pfc2
+                                         + 3 * lm_linear + 3 * lattn + 3 * head)
+    # Only the projector trains (stage 1): the frozen LM still passes the gradient back to it (2x; attention 3x).
+    model.lm.requires_grad_(False)
+    assert train_flops(model, batch) == (conv + vision_linear + vattn + 2 * pfc1 + 3 * pfc2
+                                         + 2 * lm_linear + 3 * lattn + 2 * head)
+    # A text-only batch: no image, nothing upstream of the frozen LM trains: forward only.
+    text = dict(batch, pixel_values=torch.zeros(0, 3, 8, 8))
+    assert train_flops(model, text) == lm_linear + lattn + head
+
+
+class FakeWandb:
+    """Records what a wandb run is given (the real package may be absent, and is never needed for this)."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return self
+
+    def log(self, row, step):
+        self.logged.append((step, row))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_logs_what_metrics_jsonl_logs(tmp_path, monkeypatch):
+    import sys
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log = tu.MetricsLogger(tmp_path, wandb_project="nanovlm", config={"lr": 1e-3})
+    log.log(0, loss=2.0, lr=1e-3)
+    log.log(10, val_loss=1.5)
+    log.finish()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in rows] == fake.logged
+    assert fake.inits[0]["project"] == "nanovlm" and fake.inits[0]["config"] == {"lr": 1e-3} and fake.finished == 1
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    assert fake.inits[0]["id"] == run_id
+    tu.MetricsLogger(tmp_path, is_main=False, wandb_project="nanovlm").log(20, loss=1.0)   # other ranks: nothing
+    assert len(fake.inits) == 1 and len(fake.logged) == 2
+    tu.MetricsLogger(tmp_path, resume_step=10, wandb_project="nanovlm")   # --resume continues the same run
+    assert fake.inits[-1]["id"] == run_id
+    tu.MetricsLogger(tmp_path, wandb_project="nanovlm")                   # a new run: a new id
+    assert fake.inits[-1]["id"] != run_id
+
+
+def test_wandb_is_not_imported_without_the_flag(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys; from nanovlm import train_utils as tu; log = tu.MetricsLogger(sys.argv[1]); "
+            "log.log(0, loss=1.0); log.finish(); assert 'wandb' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+
+
+@pytest.mark.slow
+def test_wandb_offline_run(tmp_path, monkeypatch):
+    """The real package, offline (skipped when wandb is not installed): the run's record file is written, with
+    the logged values in it (the file is wandb's protobuf log; its history items carry keys and JSON values)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = tu.MetricsLogger(tmp_path, wandb_project="nanovlm-test")
+    log.log(0, loss=2.0)
+    log.log(10, loss=0.125)
+    log.finish()
+    records = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1
+    data = records[0].read_bytes()
+    assert b"loss" in data and b"0.125" in data
+
+
+def test_token_batches_fill_a_budget_and_cover_each_epoch():
+    """--batch-tokens: micro-batches of at most `budget` tokens, each sample once per epoch, and the same pure
+    function of (step, micro-step, rank) as batch_indices: 2 ranks read what 1 rank reads in 2 micro-steps."""
+    rng = np.random.default_rng(0)
+    lengths = tuple(int(x) for x in rng.integers(5, 60, size=50))
+    budget = 100
+    one = [tu.token_batch_indices(step, m, 0, 1, 2, lengths, 7, budget) for step in range(12) for m in range(2)]
+    two = [tu.token_batch_indices(step, 0, r, 2, 1, lengths, 7, budget) for step in range(12) for r in range(2)]
+    assert one == two
+    assert all(sum(lengths[i] for i in b) <= budget for b in one)
+    # greedy: the next sample of the epoch's order would not have fit
+    first_epoch = tu._token_batches(lengths, 7, 0, budget)
+    assert sorted(i for b in first_epoch for i in b) == list(range(50))
+    for b, nxt in zip(first_epoch, first_epoch[1:]):
+        assert sum(lengths[i] for i in b) + lengths[nxt[0]] > budget
+    # the stream runs on into the next epochs
+    assert one[len(first_epoch)] == tu._token_batches(lengths, 7, 1, budget)[0]
+    with pytest.raises(ValueError, match="does not fit --batch-tokens 30"):
+        tu.token_batch_indices(0, 0, 0, 1, 1, lengths, 7, 30)

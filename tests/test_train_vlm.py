@@ -1,5 +1,6 @@
 """train_pretrain.py / train_sft.py end to end on CPU: DDP == gradient accumulation, exact resume, and the
 real-weights preset pointed at tiny checkpoints saved in the official layout."""
+import math
 import os
 import subprocess
 import sys
@@ -149,3 +150,148 @@ def test_tiny_sft_mixes_scene_questions_and_ocr_strings_two_to_one(tmp_path):
     # 60 samples in all, weights 1 : 0.5 -> 40 scene conversations (all 30, then 10 again) and 20 OCR strings
     assert len(scenes) == 40 and len(ocr) == 20 and len(samples) == 60
     assert len({s["where"] for s in scenes}) == 30 and len({s["where"] for s in ocr}) == 20
+
+
+def frac_apart(a, b, tol=3e-5):
+    """Fraction of all weights that differ by more than tol (issue 22's measure of two runs drifting apart)."""
+    n = sum(v.numel() for v in a.values())
+    return sum(int(((a[k] - b[k]).abs() > tol).sum()) for k in a) / n
+
+
+@pytest.mark.slow
+def test_splitting_a_batch_changes_nothing(tmp_path, data_dir):
+    """The loss is normalised by the labelled-token count of the whole global batch, so 4 samples in one
+    micro-batch, 2 + 2 in two micro-batches, or 2 per process on 2 processes train the same weights (3 AdamW
+    steps). With a mean per micro-batch (before), a quarter of a percent of the weights or more drift apart."""
+    common = ["train_sft.py", "--data-dir", data_dir, *FAST[:2], "--max-steps", "3", "--optimizer", "adamw",
+              "--eval-every", "1000", "--save-every", "1000", "--warmup-steps", "1", "--device", "cpu",
+              "--eval-answers", "0"]
+    run(common + ["--batch-size", "4", "--grad-accum", "1", "--out-dir", str(tmp_path / "one")])
+    run(common + ["--batch-size", "2", "--grad-accum", "2", "--out-dir", str(tmp_path / "accum")])
+    run(common + ["--batch-size", "2", "--grad-accum", "1", "--out-dir", str(tmp_path / "ddp")], nproc=2)
+    one = weights(tmp_path / "one")
+    assert frac_apart(one, weights(tmp_path / "accum")) == 0
+    assert frac_apart(one, weights(tmp_path / "ddp")) == 0
+
+
+@pytest.mark.slow
+def test_text_only_samples_train_under_ddp_and_one_process_evaluates(tmp_path, data_dir):
+    """A mix with text-only samples, vision tower frozen: a micro-batch without images leaves the projector out
+    of the graph, which DDP must be told about. 2 processes x 1 sample == 1 process x 2 micro-batches, and the
+    held-out answers after training are given (and printed) by one process only."""
+    import json
+    text = tmp_path / "text.jsonl"
+    with open(text, "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"conversations": [{"from": "human", "value": f"Say {i}."},
+                                                  {"from": "gpt", "value": f"{i}"}]}) + "\n")
+    common = ["train_sft.py", "--data-dir", data_dir, "--n-synthetic", "40",
+              "--data", f"{data_dir}/sft_train.json", str(text), "--lr-vision", "0", "--batch-size", "1",
+              "--max-steps", "4", "--optimizer", "adamw", "--eval-every", "1000", "--save-every", "1000",
+              "--warmup-steps", "1", "--device", "cpu"]
+    run(common + ["--grad-accum", "2", "--eval-answers", "0", "--out-dir", str(tmp_path / "accum")])
+    out = run(common + ["--grad-accum", "1", "--eval-answers", "3", "--out-dir", str(tmp_path / "ddp")], nproc=2)
+    assert frac_apart(weights(tmp_path / "accum"), weights(tmp_path / "ddp")) == 0
+    assert out.count("held-out answers") == 1
+
+
+def test_fp16_scales_the_loss():
+    """fp16 gradients below ~6e-8 flush to zero; the scaler multiplies the loss up before the backward pass and
+    divides the gradients back before the step. bf16 has fp32's range and needs none."""
+    from nanovlm import train_utils as tu
+    assert tu.grad_scaler("cpu", "fp16").is_enabled() and not tu.grad_scaler("cpu", "bf16").is_enabled()
+    w = torch.nn.Parameter(torch.ones(4, 4))
+    opt = torch.optim.SGD([w], lr=1.0)
+
+    def grad(scaler):
+        w.grad = None
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = torch.nn.functional.linear(torch.ones(1, 4), w)   # an fp16 matmul under autocast
+        loss = y.float().sum() * 1e-8                               # d loss / d y = 1e-8: below fp16's range
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        return w.grad
+    assert torch.equal(grad(tu.grad_scaler("cpu", "fp32")), torch.zeros(4, 4))     # underflows unscaled
+    assert torch.allclose(grad(tu.grad_scaler("cpu", "fp16")), torch.full((4, 4), 1e-8), rtol=1e-2)
+
+
+@pytest.mark.slow
+def test_fp16_run(tmp_path, data_dir):
+    run(["train_sft.py", "--data-dir", data_dir, *FAST, "--max-steps", "2", "--dtype", "fp16", "--eval-answers", "0",
+         "--out-dir", str(tmp_path / "fp16")])
+    import json
+    rows = [json.loads(line) for line in open(tmp_path / "fp16" / "metrics.jsonl")]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+@pytest.mark.slow
+def test_fsdp_equals_one_process_and_resumes_exactly(tmp_path, data_dir):
+    """FSDP2 on 2 gloo processes (parameters, gradients and AdamW state sharded; gradient accumulation with the
+    reduce-scatter skipped on the first micro-batch) trains the weights one process trains with 4 micro-batches,
+    exports them as a plain model.safetensors, and --resume from its sharded state continues exactly."""
+    from nanovlm.vlm import VLM
+    common = ["train_sft.py", "--data-dir", data_dir, *FAST, "--optimizer", "adamw", "--eval-answers", "0"]
+    run(common + ["--max-steps", "3", "--grad-accum", "4", "--out-dir", str(tmp_path / "one")])
+    run(common + ["--max-steps", "3", "--grad-accum", "2", "--fsdp", "--out-dir", str(tmp_path / "fsdp")], nproc=2)
+    assert (tmp_path / "fsdp" / "train_state.dcp").is_dir()
+    assert frac_apart(weights(tmp_path / "one"), weights(tmp_path / "fsdp")) == 0
+    VLM.from_pretrained(tmp_path / "fsdp")   # the export is an ordinary checkpoint
+    resumed = ["--max-steps", "3", "--grad-accum", "2", "--fsdp", "--out-dir", str(tmp_path / "resumed")]
+    run(common + resumed + ["--stop-at-step", "2"], nproc=2)
+    run(common + resumed + ["--resume"], nproc=2)
+    assert max_rel_diff(weights(tmp_path / "fsdp"), weights(tmp_path / "resumed")) == 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Recomputing each block's activations in the backward pass changes memory, not the gradients."""
+    from nanovlm import train_utils as tu
+    from nanovlm.projector import ProjectorConfig
+    from nanovlm.qwen2 import Qwen2Config
+    from nanovlm.siglip import SiglipConfig
+    from nanovlm.vlm import VLM, VLMConfig
+    cfg = VLMConfig(lm=Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2),
+                    vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
+                                        num_hidden_layers=2, num_attention_heads=4),
+                    projector=ProjectorConfig(shuffle_factor=2), image_token_id=5)
+
+    def grads(checkpointed):
+        torch.manual_seed(0)
+        model = VLM(cfg).train()
+        if checkpointed:
+            tu.checkpoint_blocks([*model.vision.layers, *model.lm.layers])
+        saved = []   # bytes the forward pass keeps for the backward pass (outside checkpointed blocks)
+        ids = torch.tensor([[1, 5, 5, 5, 5, 7, 8, 9], [2, 3, 5, 5, 5, 5, 4, 6]])
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = model(ids, torch.randn(2, 3, 32, 32), labels=ids)["loss"]
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}, sum(saved)
+    (plain, kept_plain), (ckpt, kept_ckpt) = grads(False), grads(True)
+    assert kept_ckpt < kept_plain / 2
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-6), n
+
+
+@pytest.mark.slow
+def test_batch_tokens_ddp_equals_accumulation(tmp_path, data_dir):
+    """--batch-tokens: micro-batches by token budget; 2 processes read what 1 process reads in 2 micro-steps."""
+    common = ["train_sft.py", "--data-dir", data_dir, *FAST, "--batch-tokens", "400", "--max-steps", "2",
+              "--optimizer", "adamw", "--eval-answers", "0"]
+    run(common + ["--grad-accum", "2", "--out-dir", str(tmp_path / "accum")])
+    run(common + ["--grad-accum", "1", "--out-dir", str(tmp_path / "ddp")], nproc=2)
+    assert frac_apart(weights(tmp_path / "accum"), weights(tmp_path / "ddp")) == 0
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same(tmp_path, data_dir):
+    """--compile (torch.compile of each block; inductor on the CPU) gives the losses of the eager run."""
+    import json
+    common = ["train_sft.py", "--data-dir", data_dir, *FAST, "--max-steps", "2", "--log-every", "1",
+              "--optimizer", "adamw", "--eval-answers", "0"]
+    run(common + ["--out-dir", str(tmp_path / "eager")])
+    run(common + ["--compile", "--out-dir", str(tmp_path / "compiled")])
+    losses = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if "loss" in r]
+              for d in ("eager", "compiled")]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
