@@ -119,6 +119,12 @@ class Packing:
             self._flex_masks[causal] = flex_block_mask(self.segment_ids.flatten(), causal)
         return self._flex_masks[causal]
 
+    def prepare_flex(self, causal):
+        """Build the BlockMask now, if flex may run: a model calls this before its layers, so that layers compiled
+        one by one (train_sft.py --compile) all find it built instead of each tracing its construction."""
+        if HAVE_FLEX and not (causal and self.right_padded):
+            self.flex_mask(causal)
+
 
 def flex_block_mask(segment_ids, causal, block=FLEX_BLOCK):
     """A BlockMask for "same run (and causal)" from segment_ids (N,), numbered in order along the sequence.

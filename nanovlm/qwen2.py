@@ -189,6 +189,8 @@ class Qwen2(nn.Module):
                 packing = Packing.from_mask(attention_mask).to(x.device)
             position_ids = torch.arange(T, device=x.device)[None].expand(B, T) if packing is None else \
                 packing.position_ids
+            if packing is not None and x.is_cuda:
+                packing.prepare_flex(causal=True)   # here, once per batch, outside any compiled block
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, packing, cache, i)

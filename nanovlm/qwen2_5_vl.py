@@ -246,6 +246,8 @@ class Qwen25VL(nn.Module):
             cache.begin(T)                         # the slots of the new tokens (their positions are MRoPE's)
         elif packing is None and attention_mask is not None:
             packing = Packing.from_mask(attention_mask).to(x.device)
+        if packing is not None and x.is_cuda:
+            packing.prepare_flex(causal=True)      # once per batch, outside any compiled block
         cos, sin = mrope_cos_sin(position_ids, lm.head_dim, lm.rope_theta, self.cfg.mrope_section, x.dtype)
         for i, layer in enumerate(self.lm.layers):
             x = layer(x, cos, sin, packing, cache, i)

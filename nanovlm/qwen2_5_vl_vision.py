@@ -223,6 +223,8 @@ class VisionTower(nn.Module):
         # contiguous under the permutation) whole frames for the full-attention blocks.
         windows = Packing.from_lengths(window_blocks * unit)                                  # patches per window
         frames = Packing.from_lengths(torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]))
+        if x.is_cuda:                              # flex's block masks, once, outside any compiled block
+            windows.prepare_flex(causal=False), frames.prepare_flex(causal=False)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, frames if i in cfg.fullatt_block_indexes else windows)
         return x[torch.argsort(perm)]                                                         # back to input order

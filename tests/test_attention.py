@@ -74,6 +74,11 @@ def test_packing_metadata_by_hand():
     assert one.cu_seqlens.tolist() == [0, 4, 5, 7] and one.position_ids.tolist() == [[0, 1, 2, 3, 0, 0, 1]]
     moved = p.to("cpu")
     assert torch.equal(moved.cu_seqlens, p.cu_seqlens) and moved.max_seqlen == 3
+    if HAVE_FLEX:   # built once per batch, before the layers, and then found by each of them
+        p.prepare_flex(causal=True)
+        assert p.flex_mask(True) is p.flex_mask(True) and list(p._flex_masks) == [True]
+        right.prepare_flex(causal=True)                                 # runs as plain causal: nothing to build
+        assert not right._flex_masks
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
