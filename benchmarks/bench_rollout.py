@@ -4,6 +4,7 @@ same weights (language model only), in one run.
     python benchmarks/bench_rollout.py                       # tiny preset, 64 prompts x 8 samples, 24 new tokens
     python benchmarks/bench_rollout.py --prompts 16 --repeats 3
     python benchmarks/bench_rollout.py --compile             # adds a side with the compiled decode step
+    python benchmarks/bench_rollout.py --device cuda --compile   # on a GPU: CUDA graphs
     python benchmarks/bench_rollout.py --help
 
 The shape is train_grpo.py's on the tiny preset: the tiny model (nanovlm/vlm_train.py TINY_LM / TINY_VISION, random
@@ -60,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=8, help="completions per prompt (GRPO's num_generations)")
     p.add_argument("--new-tokens", type=int, default=24, help="tokens generated per completion")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (CPU)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
@@ -102,14 +104,17 @@ def ocr_prompts(n, image_tokens, seed):
             for i in range(n)]
 
 
-def time_alternating(fns, warmup, repeats):
+def time_alternating(fns, warmup, repeats, device):
     """{name: callable} -> {name: (median wall s, median CPU s of this process)}, sides alternating each round."""
     names = list(fns)
     wall, cpu = {n: [] for n in names}, {n: [] for n in names}
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for r in range(warmup + repeats):
         for n in (names if r % 2 == 0 else names[::-1]):
+            sync()
             t0, c0 = time.perf_counter(), time.process_time()
             fns[n]()
+            sync()
             if r >= warmup:
                 wall[n].append(time.perf_counter() - t0)
                 cpu[n].append(time.process_time() - c0)
@@ -123,21 +128,25 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     P, G, N = args.prompts, args.samples, args.new_tokens
-    print(f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads of {os.cpu_count()} cores) | "
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {args.threads} threads of {os.cpu_count()} cores"
+    print(f"{device} ({where}) | "
           f"torch {torch.__version__} | transformers {transformers.__version__} | {P} prompts x {G} samples, "
           f"{N} new tokens, temperature {args.temperature} | warmup {args.warmup}, median of {args.repeats}")
     ours, kw = tiny_vlm(args.seed)
+    ours.to(device)
     prompts = ocr_prompts(P, ours.cfg.image_tokens, args.seed)
-    pixels = torch.randn(P, 3, 96, 96, generator=torch.Generator().manual_seed(args.seed))
+    pixels = torch.randn(P, 3, 96, 96, generator=torch.Generator().manual_seed(args.seed)).to(device)
     rows = [p for p in prompts for _ in range(G)]
     pixel_rows = pixels.repeat_interleave(G, 0)
-    gen = lambda: torch.Generator().manual_seed(args.seed)   # noqa: E731  the same draws for every round
+    gen = lambda: torch.Generator(device).manual_seed(args.seed)   # noqa: E731  the same draws every round
     sample = dict(max_new_tokens=N, temperature=args.temperature, include_stop=True)
     sides, results = {"ours": lambda: ours.generate(prompts, pixels, num_samples=G, generator=gen(), **sample)}, []
 
     if "e8488d6" not in args.skip:
         old_vlm = load_baseline()
-        old = old_vlm.VLM(old_vlm.VLMConfig(**kw)).eval()
+        old = old_vlm.VLM(old_vlm.VLMConfig(**kw)).to(device).eval()
         old.load_state_dict(ours.state_dict())
         check = [p for p in prompts[:8]]
         a = ours.generate(check, pixels[:8], max_new_tokens=N)
@@ -154,7 +163,7 @@ def main(argv=None):
                                                       **sample)
 
     with torch.no_grad():
-        t = time_alternating(sides, args.warmup, args.repeats)
+        t = time_alternating(sides, args.warmup, args.repeats, device)
     tokens = P * G * N
     for a, b in (("ours", BASELINE), ("ours+compile", BASELINE), ("ours+compile", "ours")):
         if a in t and b in t:
@@ -163,13 +172,14 @@ def main(argv=None):
     if "lm-only" not in args.skip:
         with tempfile.TemporaryDirectory() as tmp:
             ours.lm.save_pretrained(tmp)
-            theirs = Qwen2ForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").eval()
+            theirs = Qwen2ForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").to(device).eval()
         text = [[t for t in p if t != IMAGE] for p in prompts]
         T = max(map(len, text))
         ids = torch.full((P, T), PAD)
         mask = torch.zeros(P, T, dtype=torch.long)
         for i, p in enumerate(text):               # transformers decodes a batch left-padded
             ids[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
+        ids, mask = ids.to(device), mask.to(device)
 
         def hf(do_sample, n=G, rows=P):
             out = theirs.generate(ids[:rows], attention_mask=mask[:rows], do_sample=do_sample, temperature=None
@@ -178,13 +188,13 @@ def main(argv=None):
             return out[:, T:]
         with torch.no_grad():
             a = ours.generate(text[:8], None, max_new_tokens=N)
-            b = [[t for t in row.tolist()] for row in hf(False, 1, 8)]
+            b = hf(False, 1, 8).tolist()
             b = [row[:row.index(STOP)] if STOP in row else row for row in b]
         print(f"check greedy tokens, ours vs transformers (LM only): {'identical' if a == b else 'DIFFERENT'}")
         assert a == b, "ours and transformers decode different greedy tokens: not timing"
         with torch.no_grad():
             t = time_alternating({"ours": lambda: ours.generate(text, None, num_samples=G, generator=gen(), **sample),
-                                  "transformers": lambda: hf(True)}, args.warmup, args.repeats)
+                                  "transformers": lambda: hf(True)}, args.warmup, args.repeats, device)
         results.append(("lm-only: ours vs transformers", t, "ours", "transformers"))
 
     print()
