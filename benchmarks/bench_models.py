@@ -271,7 +271,8 @@ def packed_batch(args, device):
     while sum(len(it["input_ids"]) for it in items) < args.packed_rows * L * 0.9:
         n = int(torch.randint(32, L // 2, (1,), generator=g))
         ids = torch.randint(0, 151936, (n,), generator=g)
-        items.append(dict(input_ids=ids, labels=ids, pixel_values=torch.zeros(0, 3, 1, 1), where=f"sample {len(items)}"))
+        items.append(dict(input_ids=ids, labels=ids, pixel_values=torch.zeros(0, 3, 1, 1),
+                          where=f"sample {len(items)}"))
     b = pack(items, pad_id=0, max_length=L)
     return b["input_ids"].to(device), b["attention_mask"].to(device), b["packing"].to(device)
 

@@ -206,7 +206,8 @@ def main(argv=None):
         rows_out.append((label, tokens / wa, tokens / wb, wb / wa, cb / ca))
         print(f"| {label} | {tokens / wa:,.0f} | {tokens / wb:,.0f} | {wb / wa:.2f}x | {cb / ca:.2f}x |")
     print(f"ratio = second's median wall time / first's (> 1: the first is faster); cpu-time ratio = the same in CPU\n"
-          f"seconds of this process (robust to other programs sharing the cores). {P} x {G} x {N} new tokens a rollout.")
+          f"seconds of this process (robust to other programs sharing the cores). {P} x {G} x {N} new tokens a "
+          "rollout.")
     return rows_out
 
 

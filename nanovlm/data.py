@@ -410,8 +410,9 @@ def pack(batch, pad_id, max_length):
 def _fill_rows(batch, rows, pad_id):
     """rows: lists of sample indices, each row's samples laid one after another. attention_mask (B, T) long
     numbers them 1, 2, ... in their row, 0 = padding; packing (attention.Packing) says the same in the form
-    attention uses (positions within each sample, cu_seqlens), computed here so no layer derives it. Images and <num> values follow the reading order (row by
-    row, left to right), the order in which the VLM fills image-pad slots and <num> tokens."""
+    attention uses (positions within each sample, cu_seqlens), computed here so no layer derives it. Images and
+    <num> values follow the reading order (row by row, left to right), the order in which the VLM fills
+    image-pad slots and <num> tokens."""
     lengths = [sum(len(batch[i]["input_ids"]) for i in row) for row in rows]
     B, T = len(rows), max(lengths)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
