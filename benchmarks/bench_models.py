@@ -161,13 +161,14 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def check_close(what, ours, theirs, dtype):
+def check_close(what, ours, theirs, dtype, names=("ours", "transformers")):
     """Assert the two outputs agree: 1e-4 (relative to the output scale) in fp32, 2e-2 in bf16."""
     ours, theirs = ours.float(), theirs.float()
     diff, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
     tol = (1e-4 if dtype == torch.float32 else 2e-2) * max(scale, 1.0)
-    print(f"  check {what}: max |ours - transformers| = {diff:.2e} (output scale {scale:.2f}, tolerance {tol:.1e})")
-    assert diff <= tol, f"{what}: ours and transformers disagree by {diff:.3e} > {tol:.1e}; not timing"
+    print(f"  check {what}: max |{names[0]} - {names[1]}| = {diff:.2e} (output scale {scale:.2f}, "
+          f"tolerance {tol:.1e})")
+    assert diff <= tol, f"{what}: {names[0]} and {names[1]} disagree by {diff:.3e} > {tol:.1e}; not timing"
 
 
 # ---- Qwen2 -----------------------------------------------------------------------------------------------------
@@ -300,7 +301,7 @@ def bench_qwen2_packed(args, ours, device, dtype):
     with torch.no_grad():
         ref = run("sdpa").float()
         for name in backends[1:]:
-            check_close(f"packed hidden states, {name} vs dense mask", run(name).float()[real], ref[real], dtype)
+            check_close("packed hidden states", run(name).float()[real], ref[real], dtype, (name, "dense mask"))
     ours.train(train)
     t = time_alternating({n: lambda n=n: run(n) for n in backends}, device, args.warmup, args.repeats,
                          before=lambda n: ours.zero_grad(set_to_none=True))
