@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="qwen2-decode: also time a torch.compile'd decode step")
     p.add_argument("--packed-rows", type=int, default=2, help="qwen2-packed rows")
     p.add_argument("--packed-len", type=int, default=1024, help="qwen2-packed row length in tokens")
-    p.add_argument("--ce-tokens", type=int, default=2048, help="chunked-ce labelled tokens")
+    p.add_argument("--ce-tokens", type=int, default=1024, help="chunked-ce labelled tokens")
     return p.parse_args(argv)
 
 
