@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanovlm.attention import Packing, attention
+from nanovlm.chunked_ce import linear_cross_entropy
 from nanovlm.weights import (config_dtype, load_mapped, read_config, read_safetensors, resolve_checkpoint,
                              save_mapped)
 
@@ -200,6 +201,14 @@ class Qwen2(nn.Module):
 
     def logits(self, h):
         return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+
+    def head_loss(self, h, targets):
+        """The cross-entropy of the head's logits at states h (N, hidden) against targets (N,), summed, fp32,
+        without ever holding more than a chunk of the (N, vocab) logits (nanovlm/chunked_ce.py)."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if isinstance(head, (nn.Linear, nn.Embedding)):
+            return linear_cross_entropy(h, head.weight, targets)
+        return F.cross_entropy(self.logits(h).float(), targets, reduction="sum")   # a LoRA-wrapped head (lora.py)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, packing=None, cache=None):
         return self.logits(self.hidden_states(input_ids, inputs_embeds, attention_mask, packing, cache))

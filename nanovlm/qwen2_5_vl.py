@@ -40,7 +40,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nanovlm.attention import KVCache, Packing
 from nanovlm.qwen2 import Qwen2, Qwen2Config, rope_cos_sin
@@ -256,19 +255,18 @@ class Qwen25VL(nn.Module):
         return self.lm.norm(x)
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, labels=None,
-                where=None):
+                where=None, packing=None):
         """Logits (B, T, vocab); with labels, {"loss" (mean over labelled tokens), "n_tokens"} instead, the
         logits computed only where a label is scored (as nanovlm/vlm.py)."""
         x = self.embed(input_ids, pixel_values, image_grid_thw, where)
         position_ids, _ = self.positions(input_ids, image_grid_thw, attention_mask)
-        h = self.hidden_states(x, position_ids, attention_mask)                           # (B, T, C)
+        h = self.hidden_states(x, position_ids, attention_mask, packing=packing)         # (B, T, C)
         if labels is None:
             return self.lm.logits(h)
         targets = labels[:, 1:]                                                            # (B, T-1)
         keep = targets != -100
-        logits = self.lm.logits(h[:, :-1][keep])                                           # (N, vocab)
+        loss = self.lm.head_loss(h[:, :-1][keep], targets[keep])      # never all the (N, vocab) logits at once
         n = keep.sum()
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return {"loss": loss / n.clamp(min=1), "n_tokens": n}
 
     # ---- generation ---------------------------------------------------------------------------------------

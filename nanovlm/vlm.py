@@ -24,11 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from nanovlm.attention import KVCache
-from nanovlm.chunked_ce import linear_cross_entropy
 from nanovlm.projector import Projector, ProjectorConfig
 from nanovlm.qwen2 import Qwen2, Qwen2Config
 from nanovlm.sampling import sample_next
@@ -137,11 +135,7 @@ class VLM(nn.Module):
         # Position t predicts token t+1: score only positions whose next token is labelled.
         targets = labels[:, 1:]                                                        # (B, T-1)
         keep = targets != -100
-        head = self.lm.embed_tokens if self.lm.lm_head is None else self.lm.lm_head
-        if isinstance(head, (nn.Linear, nn.Embedding)):   # never all the (N, vocab) logits at once (chunked_ce.py)
-            loss = linear_cross_entropy(h[:, :-1][keep], head.weight, targets[keep])
-        else:   # a head with LoRA adapters (lora.py): its logits, plainly
-            loss = F.cross_entropy(self.lm.logits(h[:, :-1][keep]).float(), targets[keep], reduction="sum")
+        loss = self.lm.head_loss(h[:, :-1][keep], targets[keep])      # never all the (N, vocab) logits at once
         n = keep.sum()
         denominator = n.clamp(min=1) if n_label_tokens is None else n_label_tokens
         return {"loss": loss / denominator, "n_tokens": n}
