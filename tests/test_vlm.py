@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import greedy_by_full_forward
+from conftest import cuda, greedy_by_full_forward
 from nanovlm.data import pack
 from nanovlm.projector import ProjectorConfig, pixel_shuffle
 from nanovlm.qwen2 import Qwen2Config
@@ -292,3 +292,17 @@ def test_compiled_decode_step_gives_the_same_tokens():
     pix = torch.randn(2, 3, 32, 32)
     want = m.generate(PROMPTS, pix, max_new_tokens=6)
     assert m.generate(PROMPTS, pix, max_new_tokens=6, compile=True) == want
+
+
+@cuda
+@pytest.mark.gpu
+def test_compiled_decode_step_with_cuda_graphs_on_gpu():
+    """On CUDA, compile=True replays the decode step as CUDA graphs (the cache written in place): the same greedy
+    tokens as eager, twice in a row (the second call re-records for the new cache), under bf16 autocast."""
+    m = chain_vlm().cuda()
+    pix = torch.randn(2, 3, 32, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = m.generate(PROMPTS, pix, max_new_tokens=6)
+        assert m.generate(PROMPTS, pix, max_new_tokens=6, compile=True) == want
+        assert m.generate(PROMPTS, pix, max_new_tokens=6, compile=True, num_samples=2) == \
+            [row for row in want for _ in range(2)]
