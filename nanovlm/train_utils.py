@@ -538,6 +538,23 @@ class MetricsLogger:
         plt.close(fig)
 
 
+def metrics_rows(out_dir):
+    """The number of rows in out_dir/metrics.jsonl. A checkpoint records it, so that a resume can forget the rows
+    a lost run logged after that checkpoint (trim_metrics): rows are logged at a step's index by one loop and at
+    the count of steps done by another, so their step fields alone cannot tell."""
+    path = Path(out_dir) / "metrics.jsonl"
+    return len(path.read_text().splitlines(keepends=True)) if path.exists() else 0
+
+
+def trim_metrics(out_dir, rows):
+    """Keep the first `rows` rows of out_dir/metrics.jsonl (a half-written last line goes too)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines(keepends=True)[:rows] if line.endswith("\n")]
+        path.with_suffix(".tmp").write_text("".join(lines))
+        os.replace(path.with_suffix(".tmp"), path)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Throughput
 

@@ -273,6 +273,7 @@ def save_vlm_checkpoint(out_dir, model, tok, opt, step, args, dist):
     rngs = tu.gather_rng_states()
     if dist.is_main:
         extra = lora.save_extra(model)   # the adapters, taken before merged() swaps them out
+        extra["metrics_rows"] = tu.metrics_rows(out_dir)   # what a resume keeps of metrics.jsonl (check_resume)
         files = {"tokenizer.json": tok.tok.to_str()}
         if not (args.resume and (Path(out_dir) / "args.json").exists()):
             files["args.json"] = json.dumps(run_record(args, dist), indent=2)
@@ -348,19 +349,23 @@ NOT_COMPARED = ("out_dir", "resume", "stop_at_step")   # where the run is (spelt
 def check_resume(args, dist):
     """--resume, before anything is built: finish a checkpoint swap a crash interrupted (train_utils.
     recover_checkpoint); refuse flags that differ from the run's args.json (all but RESUME_MAY_CHANGE), listing
-    them; refuse a checkpoint past --max-steps, and say so when it is at it. The flags that did change are
-    printed and appended to resumes.jsonl; args.json keeps the flags that started the run."""
+    them; refuse a checkpoint past --max-steps, and say so when it is at it; forget the metrics.jsonl rows logged
+    after the checkpoint (the steps that are run again). The flags that did change are printed and appended to
+    resumes.jsonl; args.json keeps the flags that started the run."""
     out_dir = Path(args.out_dir)
     if dist.is_main:
         tu.recover_checkpoint(out_dir)
     tu.barrier()
     ckpt = tu.checkpoint_dir(out_dir)   # "no checkpoint at ..." when there is nothing to resume
     changed = _check_resume_flags(args, dist, ckpt)
-    step = torch.load(ckpt / "train_state.pt", map_location="cpu", mmap=True, weights_only=False)["step"]
+    state = torch.load(ckpt / "train_state.pt", map_location="cpu", mmap=True, weights_only=False)
+    step = state["step"]
     if step > args.max_steps:
         raise ValueError(f"--resume: the checkpoint in {ckpt} is at step {step}, past --max-steps {args.max_steps}")
     if not dist.is_main:
         return
+    if "metrics_rows" in state.get("extra", {}):   # the rows a lost run logged after the checkpoint go
+        tu.trim_metrics(out_dir, state["extra"]["metrics_rows"])
     if step == args.max_steps:
         print(f"--resume: the checkpoint in {ckpt} is already at --max-steps {step}: nothing to train "
               "(raise --max-steps to train on)")

@@ -536,6 +536,19 @@ def test_resume_may_change_when_to_stop_and_keeps_the_runs_args_json(tmp_path, t
     assert (tmp_path / "run" / "resumes.jsonl").exists()           # carried across the checkpoint swap
 
 
+def test_resume_forgets_the_rows_a_lost_run_logged_after_the_checkpoint(tmp_path, tok):
+    """A run killed between saves had logged rows for steps the resumed run does again (and maybe half a row);
+    they would appear twice. The checkpoint records how many rows it had."""
+    (tmp_path / "run").mkdir()
+    rows = [{"step": 0, "loss": 3.0}, {"step": 1, "loss": 2.5}]
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    saved_run(tmp_path, tok)   # at step 2, with those two rows
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "loss": 2.4}) + '\n{"step": 3, "lo')   # the lost run's, the last cut short
+    vt.check_resume(sft_args("--out-dir", str(tmp_path / "run"), "--max-steps", "4", "--resume"), tu.Dist())
+    assert [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == rows
+
+
 def test_resume_at_or_past_max_steps(tmp_path, tok, capsys):
     saved_run(tmp_path, tok, step=4)
     out = ["--out-dir", str(tmp_path / "run"), "--resume"]
@@ -699,11 +712,21 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_resume_is_exact(tmp_path, tiny_
     assert loss_steps(run) == list(range(STEPS))
 
 
+KILLED_AFTER_ROW_6 = """
+import os
+from nanovlm import train_utils as tu
+log = tu.MetricsLogger.log
+def log_then_die(self, step, **metrics):   # die (as kill -9 would) between two saves, rows logged after the first
+    log(self, step, **metrics)
+    if step == 6:
+        os._exit(9)
+tu.MetricsLogger.log = log_then_die
+"""
 CRASH_BETWEEN_RENAMES = """
 import os
 from pathlib import Path
 real_rename = os.rename
-def rename(src, dst):   # die (as kill -9 would) between a save's two renames, once there is a checkpoint to swap
+def rename(src, dst):   # die between a save's two renames, once there is a checkpoint to swap
     if str(src).endswith('.tmp') and (Path(dst).parent / f'.{Path(dst).name}.old').exists():
         os._exit(9)
     real_rename(src, dst)
@@ -712,17 +735,22 @@ os.rename = rename
 
 
 @pytest.mark.slow
-def test_crash_inside_a_checkpoint_save_loses_nothing_end_to_end(tmp_path, tiny_run):
+def test_crashes_lose_nothing_but_the_steps_since_the_last_save(tmp_path, tiny_run):
+    """Killed between two saves, then inside a save (between its two renames): each --resume goes on from the
+    last checkpoint saved, and the run ends with the weights and the metrics.jsonl of an uninterrupted run."""
     flags, straight = tiny_run
-    run = tmp_path / "run"
-    finish(launch(flags + ["--out-dir", str(run), "--save-every", "4"], patch=CRASH_BETWEEN_RENAMES), 9)
-    assert not run.exists() and (tmp_path / ".run.old").is_dir() and (tmp_path / ".run.tmp").is_dir()   # step 8's save
+    run, every4 = tmp_path / "run", ["--out-dir", str(tmp_path / "run"), "--save-every", "4"]
+    finish(launch(flags + every4, patch=KILLED_AFTER_ROW_6), 9)   # checkpoint at step 4, rows of steps 0..6
+    assert torch.load(run / "train_state.pt", weights_only=False)["step"] == 4 and loss_steps(run)[-1] == 6
 
-    out, err = finish(launch(flags + ["--out-dir", str(run), "--save-every", "4", "--resume"]))
+    finish(launch(flags + every4 + ["--resume"], patch=CRASH_BETWEEN_RENAMES), 9)   # inside step 8's save
+    assert not run.exists() and (tmp_path / ".run.old").is_dir() and (tmp_path / ".run.tmp").is_dir()
+
+    out, err = finish(launch(flags + every4 + ["--resume"]))
     assert f"{run}: recovered the checkpoint an interrupted save left in .run.tmp" in out
     resumed = load_file(run / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    assert loss_steps(run) == list(range(STEPS))   # the history before step 8 kept, nothing twice
+    assert loss_steps(run) == list(range(STEPS))   # each step's row once: none lost, none twice
 
 
 NAN_AT_STEP_2 = """
