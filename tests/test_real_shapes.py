@@ -11,8 +11,6 @@ import gzip
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, randomize
 from test_tokenizer import CHATS, QWEN25_TEMPLATE
+from test_train_vlm import run   # a script as a user runs it (subprocess); its stdout
 
 TOKENIZER_DIR = Path(os.environ.get("NANOVLM_QWEN_TOKENIZER", ROOT.parent / "shared" / "qwen-tokenizer"))
 HAVE_TOKENIZER = (TOKENIZER_DIR / "tokenizer.json").is_file() or (TOKENIZER_DIR / "tokenizer.json.gz").is_file()
@@ -111,13 +110,6 @@ def test_labels_are_the_answers_at_real_ids(tok):
 # ---- the real-weights preset, end to end ---------------------------------------------------------------------
 
 
-def run(args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, f"{' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return p.stdout
-
-
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory, tokenizer_json):
     """Official-layout checkpoints with Qwen2.5's vocabulary and special ids: a 2-layer Qwen2ForCausalLM (tied,
@@ -199,8 +191,9 @@ def test_real_weights_preset_pretrain_sft_sample_grpo_in_bf16(backbones, hf_tok,
                       "    return [len(c) / 10 for c in completions]\n")
     run(["train_grpo.py", *preset, "--init-from", str(tmp_path / "s2"), "--data", str(data / "ocr_train.jsonl"),
          "--val-data", str(data / "ocr_val.jsonl"), "--eval-answers", "2", "--num-generations", "4",
-         "--max-new-tokens", "8", "--temperature", "1.5", "--reward-plugin", str(plugin), "--reward-funcs", "reward_length",
-         "--lr-lm", "1e-3", "--warmup-steps", "0", "--out-dir", str(tmp_path / "s3")])
+         "--max-new-tokens", "8", "--temperature", "1.5", "--reward-plugin", str(plugin),
+         "--reward-funcs", "reward_length", "--lr-lm", "1e-3", "--warmup-steps", "0",
+         "--out-dir", str(tmp_path / "s3")])
     rows = [json.loads(line) for line in open(tmp_path / "s3" / "metrics.jsonl")]
     steps = [r for r in rows if "reward" in r]
     assert len(steps) == 2 and all(r["frac_zero_std_groups"] < 1 for r in steps)
