@@ -1,9 +1,10 @@
 """Everything a lent GPU should measure, in one run of under 5 minutes, at the real-weights preset's shape
 (Qwen2.5-0.5B + SigLIP-B/16-224) with random weights built here: nothing is downloaded.
 
-    python benchmarks/gpu_check.py --out gpu_check.json                    # on the GPU (about 3 minutes)
+    python benchmarks/gpu_check.py --out gpu_check.json                    # on the GPU
     python benchmarks/gpu_check.py --out gpu_check.json --pytest           # + python -m pytest -m gpu -q
-    python benchmarks/gpu_check.py --small --device cpu --out /tmp/g.json  # a reduced shape: seconds on a CPU
+    python benchmarks/gpu_check.py --small --device cpu --out /tmp/g.json  # a reduced shape, for a CPU
+    python benchmarks/gpu_check.py --only env build sft --sft-steps 31     # some sections, a longer SFT
 
 Sections, each timed; once --budget-s is spent, the sections left are skipped with a message:
   env        torch, transformers, the device; whether flash_attn imports; what nanovlm.attention.resolve_backend
@@ -79,11 +80,14 @@ def parse_args(argv=None):
                    "and decoding weights' dtype")
     p.add_argument("--budget-s", type=float, default=270.0, help="skip the sections left once this many seconds "
                    "have passed")
-    p.add_argument("--sft-steps", type=int, help="optimizer steps of the SFT section (default: the shape's)")
+    p.add_argument("--sft-steps", type=int, help="optimizer steps of the SFT section (none: the shape's, 16 full, "
+                   "3 small)")
     p.add_argument("--tokenizer", help="a tokenizer.json (or .json.gz) with Qwen's special tokens to put beside the "
-                   "LM, e.g. ../shared/qwen-tokenizer/tokenizer.json.gz (default: the synthetic dataset's)")
+                   "LM, e.g. ../shared/qwen-tokenizer/tokenizer.json.gz (none: the synthetic dataset's)")
     p.add_argument("--pytest", action="store_true", help="also run python -m pytest -m gpu -q")
-    p.add_argument("--work-dir", help="build checkpoints and data here and keep them (default: a temporary folder)")
+    p.add_argument("--only", nargs="+", choices=["env", "build", "sft", "decode", "pytest"],
+                   help="run these sections only (sft and decode need build)")
+    p.add_argument("--work-dir", help="build checkpoints and data here and keep them (none: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -345,7 +349,8 @@ def summary_rows(results, attention):
                      ("env", "torch / transformers", f"{r['torch']} / {r['transformers']}"),
                      ("env", "flash_attn", r["flash_attn"]), ("env", "resolve_backend", r["resolve_backend"])]
         elif name == "build":
-            rows.append(("build", "parameters", f"LM {r['lm_params_m']}M, ViT {r['vision_params_m']}M"))
+            rows.append(("build", "parameters", f"LM {r['lm_params_m']}M, ViT {r['vision_params_m']}M (with the "
+                         "pooling head of the official layout, which nanovlm does not load)"))
         elif name == "sft":
             rows += [("sft", "tokens/s", fmt(r["tokens_per_s"], ",.0f")),
                      ("sft", "MFU (as the loop logs it)", fmt(r["mfu"], ".1%")),
@@ -388,9 +393,10 @@ def main(argv=None):
                device=device, dtype=config_dtype(args.dtype), dtype_name=args.dtype, seed=args.seed,
                tokenizer=args.tokenizer, sft_steps=args.sft_steps, budget_s=args.budget_s,
                t_start=time.perf_counter(), attention={})
-    sections = [("env", section_env), ("build", section_build), ("sft", section_sft), ("decode", section_decode)]
-    if args.pytest:
-        sections.append(("pytest", section_pytest))
+    sections = [("env", section_env), ("build", section_build), ("sft", section_sft), ("decode", section_decode),
+                ("pytest", section_pytest)]
+    wanted = args.only or ["env", "build", "sft", "decode"] + ["pytest"] * args.pytest
+    sections = [(name, run) for name, run in sections if name in wanted]
     results, failed = {}, False
     with contextlib.ExitStack() as stack:
         if args.work_dir:
