@@ -246,8 +246,8 @@ def section_build(ctx):
     vis = SiglipVisionModel(SiglipVisionConfig(**shape["vision"], layer_norm_eps=1e-6))
     vis.to(torch.bfloat16).save_pretrained(work / "siglip")
     ctx["tok"] = tok
-    return {"lm_params_m": round(sum(p.numel() for p in lm.parameters()) / 1e6, 1),
-            "vision_params_m": round(sum(p.numel() for p in vis.parameters()) / 1e6, 1),
+    return {"lm_params_m": round(sum(p.numel() for p in lm.parameters()) / 1e6, 3),
+            "vision_params_m": round(sum(p.numel() for p in vis.parameters()) / 1e6, 3),
             "tokenizer": f"{ctx['tokenizer'] or 'synthetic dataset'}, {len(tok)} tokens",
             "data_s": round(t_data, 1)}
 
