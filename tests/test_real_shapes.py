@@ -94,15 +94,15 @@ def test_labels_are_the_answers_at_real_ids(tok):
             {"role": "user", "content": "And in words? 世界"},
             {"role": "assistant", "content": " one hundred and forty-seven 世界\n"}]
     ids, labels = tok.encode_chat(chat, image_tokens=49)
-    runs, run = [], []
+    spans, span = [], []   # the runs of labelled tokens
     for i, label in zip(ids, labels):
         if label != -100:
             assert label == i
-            run.append(i)
-        elif run:
-            runs.append(run)
-            run = []
-    assert [tok.decode(r) for r in runs] == ["¥147.49<|im_end|>", " one hundred and forty-seven 世界\n<|im_end|>"]
+            span.append(i)
+        elif span:
+            spans.append(span)
+            span = []
+    assert [tok.decode(s) for s in spans] == ["¥147.49<|im_end|>", " one hundred and forty-seven 世界\n<|im_end|>"]
     assert ids.count(SPECIAL_IDS["image_pad"]) == 49
     assert tok.chat_lengths([chat, chat[:1]], image_tokens=49) == [len(ids), len(tok.encode_chat(chat[:1], 49)[0])]
 
