@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --out gpu_check.json                    # on the GPU
     python benchmarks/gpu_check.py --out gpu_check.json --pytest           # + python -m pytest -m gpu -q
     python benchmarks/gpu_check.py --small --device cpu --out /tmp/g.json  # a reduced shape, for a CPU
-    python benchmarks/gpu_check.py --only env build sft --sft-steps 31     # some sections, a longer SFT
+    python benchmarks/gpu_check.py --only env build sft --sft-args="--compile"   # some sections, an SFT variant
 
 Sections, each timed; once --budget-s is spent, the sections left are skipped with a message:
   env        torch, transformers, the device; whether flash_attn imports; what nanovlm.attention.resolve_backend
@@ -13,10 +13,11 @@ Sections, each timed; once --budget-s is spent, the sections left are skipped wi
              Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14/2 heads, MLP 4864, 151,936 tied rows) with the
              synthetic dataset's tokenizer beside it (--tokenizer: another tokenizer.json), a SiglipVisionModel
              at siglip-base-patch16-224's shape, and the synthetic dataset at 224x224
-  sft        train_sft.py's loop (--preset qwen2.5-0.5b-siglip --lm ... --vision ... --dtype bf16), run in this
-             process with the environment torchrun --nproc_per_node=1 gives it: tokens/s and MFU as the loop logs
-             them to metrics.jsonl (the median of the log windows after step 0, which holds the start-up), and
-             peak memory; plus, at every attention call, the q/k/v dtypes and the backend the resolver picked
+  sft        train_sft.py's loop (--preset qwen2.5-0.5b-siglip --lm ... --vision ... --dtype bf16, the preset's
+             batch), run in this process with the environment torchrun --nproc_per_node=1 gives it: tokens/s and
+             MFU as the loop logs them to metrics.jsonl (the median of the log windows after step 0, which holds
+             the start-up), and peak memory; plus, at every attention call, the q/k/v dtypes and the backend
+             the resolver picked
   decode     greedy decoding with a KV cache, new tokens/s at batch 1 and 8 (prefill included), bf16 weights:
              nanovlm's VLM.generate (what sample.py and GRPO run), nanovlm's bare Qwen2 + KVCache loop
              (benchmarks/bench_models.py), and transformers' generate on the same checkpoint, in the same run
@@ -33,6 +34,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import statistics
@@ -58,14 +60,15 @@ SHAPES = {
                  vision=dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
                              num_hidden_layers=12, num_attention_heads=12),
                  images=256,                                                  # synthetic scenes (and as many OCR)
-                 sft=dict(batch_size=8, grad_accum=4, max_length=1024, steps=16, log_every=5),   # the preset's batch
+                 sft=dict(steps=16, log_every=5, flags=[]),                   # the preset's own batch and length
                  decode=dict(batches=(1, 8), prompt=64, new=64, warmup=1, repeats=3)),
     "small": dict(lm=dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2),
                   vision=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                               num_hidden_layers=2, num_attention_heads=2),
                   images=16,
-                  sft=dict(batch_size=2, grad_accum=1, max_length=256, steps=3, log_every=1),
+                  sft=dict(steps=3, log_every=1,
+                           flags=["--batch-size", "2", "--grad-accum", "1", "--max-length", "256"]),
                   decode=dict(batches=(1, 8), prompt=8, new=4, warmup=1, repeats=1)),
 }
 
@@ -82,6 +85,8 @@ def parse_args(argv=None):
                    "have passed")
     p.add_argument("--sft-steps", type=int, help="optimizer steps of the SFT section (none: the shape's, 16 full, "
                    "3 small)")
+    p.add_argument("--sft-args", default="", help="more train_sft.py flags for the SFT section, e.g. "
+                   "'--compile' or '--grad-checkpointing' (they come last, so they win)")
     p.add_argument("--tokenizer", help="a tokenizer.json (or .json.gz) with Qwen's special tokens to put beside the "
                    "LM, e.g. ../shared/qwen-tokenizer/tokenizer.json.gz (none: the synthetic dataset's)")
     p.add_argument("--pytest", action="store_true", help="also run python -m pytest -m gpu -q")
@@ -261,11 +266,10 @@ def section_sft(ctx):
     data = work / "data"
     argv = ["--preset", "qwen2.5-0.5b-siglip", "--lm", str(work / "qwen"), "--vision", str(work / "siglip"),
             "--data", str(data / "sft_train.json"), str(data / "ocr_train.jsonl"),
-            "--image-size", str(shape["vision"]["image_size"]), "--batch-size", str(s["batch_size"]),
-            "--grad-accum", str(s["grad_accum"]), "--max-length", str(s["max_length"]), "--max-steps", str(steps),
+            "--image-size", str(shape["vision"]["image_size"]), *s["flags"], "--max-steps", str(steps),
             "--log-every", str(s["log_every"]), "--eval-every", "1000000", "--save-every", "1000000",
             "--eval-answers", "0", "--device", device.type, "--dtype", ctx["dtype_name"], "--seed", str(ctx["seed"]),
-            "--out-dir", str(out)]
+            "--out-dir", str(out), *shlex.split(ctx["sft_args"])]
     dists = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -391,7 +395,7 @@ def main(argv=None):
     from nanovlm.weights import config_dtype
     ctx = dict(shape_name="small" if args.small else "full", shape=SHAPES["small" if args.small else "full"],
                device=device, dtype=config_dtype(args.dtype), dtype_name=args.dtype, seed=args.seed,
-               tokenizer=args.tokenizer, sft_steps=args.sft_steps, budget_s=args.budget_s,
+               tokenizer=args.tokenizer, sft_steps=args.sft_steps, sft_args=args.sft_args, budget_s=args.budget_s,
                t_start=time.perf_counter(), attention={})
     sections = [("env", section_env), ("build", section_build), ("sft", section_sft), ("decode", section_decode),
                 ("pytest", section_pytest)]
