@@ -71,7 +71,9 @@ def setup_distributed(device="auto"):
         # fp32 matrix products on tensor cores in TF32 (10-bit mantissa, fp32 range): what stays fp32 under bf16
         # autocast, and whole fp32 runs, go several times faster for a rounding far below training noise.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ddp = world_size > 1
+    # Under torchrun the process group starts even for one process, so `torchrun --nproc_per_node=1` runs the DDP
+    # code path a multi-GPU run takes (benchmarks/gpu_check.py measures it); a plain `python` run stays without.
+    ddp = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if ddp and not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return Dist(rank, local_rank, world_size, device, ddp)
