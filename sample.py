@@ -12,6 +12,7 @@ import argparse
 import torch
 
 from nanovlm import train_utils as tu
+from nanovlm.cli import run_cli
 
 
 def get_args(argv=None):
@@ -40,7 +41,7 @@ def sample_vlm(args, device):
     """Answer --prompt about --image (streamed as it is generated), chat, or score a dataset (--eval)."""
     from nanovlm.data import load_data, load_image
     from nanovlm.evaluate import evaluate_answers, format_report
-    from nanovlm.numeric import decode_numeric, parse_numbers
+    from nanovlm.numeric import NumericVLM, decode_numeric, split_numbers
     from nanovlm.tokenizer import IMAGE_TAG, Tokenizer
     from nanovlm.vlm import VLM
     ckpt = tu.checkpoint_dir(args.ckpt)
@@ -63,12 +64,9 @@ def sample_vlm(args, device):
         if pixels is not None and not messages and IMAGE_TAG not in prompt:
             prompt = f"{IMAGE_TAG}\n{prompt}"   # the image goes before the first question
         messages.append({"role": "user", "content": prompt})
-        history = [dict(m) for m in messages]
-        values = []
-        for m in history:   # numbers in the conversation become <num> + value when the model has the head
-            if model.numeric is not None:
-                m["content"], v = parse_numbers(m["content"], where="prompt")
-                values += v
+        # numbers in the conversation become <num> + value when the model has the numeric head
+        numeric = isinstance(model, NumericVLM)
+        history, values = split_numbers(messages, numeric, where="prompt")
         ids, _ = tok.encode_chat(history, model.cfg.image_tokens, add_generation_prompt=True,
                                  system=model.cfg.system_prompt)
         new, printed = [], ""
@@ -80,16 +78,17 @@ def sample_vlm(args, device):
             if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
                 print(text[len(printed):], end="", flush=True)
                 printed = text
-        out = model.generate([ids], pixels,
-                             max_new_tokens=args.max_new_tokens or 64, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                             generator=g, on_token=stream, num_values=values or None)
-        print(flush=True)
-        if model.numeric is not None:   # the head's values, rendered into the text as <num><v>
-            text, predictions = decode_numeric(tok, out[0][0], out[1][0])
+        kw = dict(max_new_tokens=args.max_new_tokens or 64, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, generator=g, on_token=stream)
+        if numeric:   # the head's values, rendered into the text as <num><v>
+            (out,), (preds,) = model.generate_numbers([ids], pixels, values, **kw)
+            print(flush=True)
+            text, predictions = decode_numeric(tok, out, preds)
             print(f"numbers: {predictions}\nanswer: {text}")
         else:
-            text = tok.decode(out[0], skip_special_tokens=True)
+            (out,) = model.generate([ids], pixels, **kw)
+            print(flush=True)
+            text = tok.decode(out, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": text})
 
     if args.prompt is not None:
@@ -121,4 +120,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -18,8 +18,7 @@ Real weights (GPUs), after stage 2:
 One step: every process takes its --batch-size prompts (x --grad-accum micro-batches) in the order of
 train_utils.batch_indices (exact on --resume), samples --num-generations completions of each, scores them,
 then makes --num-iterations optimizer updates on that rollout batch (after the first, the clip of the PPO
-ratio against the sampling policy's log-probs matters). Gradients are averaged over processes by hand (one
-all_reduce per update), what DDP does. The prompt is the conversation up to its last assistant answer, with
+ratio against the sampling policy's log-probs matters). The prompt is the conversation up to its last assistant answer, with
 the checkpoint's own chat template (its system prompt); the last answer is the solution the rewards see.
 
 Data: the SFT formats, the OCR jsonl {"query", "response", "image_path"} included; other columns (qtype, ...)
@@ -28,7 +27,6 @@ The checkpoint in --out-dir is a plain VLM checkpoint (with LoRA: the merged wei
 """
 
 import copy
-import sys
 import time
 from pathlib import Path
 
@@ -39,8 +37,10 @@ from tqdm import tqdm
 
 from nanovlm import grpo, lora, rewards
 from nanovlm import train_utils as tu
-from nanovlm.data import load_data, load_image
+from nanovlm.cli import run_cli
+from nanovlm.data import fit_lengths, load_data, load_image
 from nanovlm.evaluate import evaluate_answers, format_report
+from nanovlm.numeric import NumericVLM
 from nanovlm.vlm_train import build_model, build_parser, make_vlm_optimizer, resolve_args, save_vlm_checkpoint
 
 
@@ -77,7 +77,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_prompts(args, tok, cfg):
+def load_prompts(args, tok, cfg, verbose=True):
     """The training samples and their prompts' lengths in tokens, checked up front: a prompt with its longest
     completion must fit --max-length (never truncated: that would cut through image tokens or the question)."""
     samples = load_data(args.data, args.image_root, seed=args.seed)
@@ -87,17 +87,11 @@ def load_prompts(args, tok, cfg):
     # chat_lengths counts without the generation prompt, which is always the same few tokens
     gen = len(tok.encode("<|im_start|>assistant\n"))
     lengths = [n + gen for n in tok.chat_lengths([s["messages"][:-1] for s in samples], cfg.image_tokens,
-                                                cfg.system_prompt)]
-    fits = [n + args.max_new_tokens <= args.max_length for n in lengths]
-    long = [(s["where"], n) for s, n, ok in zip(samples, lengths, fits) if not ok]
-    if long and not args.drop_long:
-        where, n = long[0]
-        raise ValueError(f"{len(long)} prompt(s) too long, first {where}: {n} tokens + --max-new-tokens "
-                         f"{args.max_new_tokens} > --max-length {args.max_length}. Raise --max-length or --drop-long.")
-    if long:
-        print(f"dropped {len(long)} of {len(samples)} prompts too long for --max-length {args.max_length} "
-              f"with --max-new-tokens {args.max_new_tokens}, first {long[0][0]} ({long[0][1]} tokens)")
-    return [s for s, ok in zip(samples, fits) if ok], [n for n, ok in zip(lengths, fits) if ok]
+                                                cfg.system_prompt, wheres=[s["where"] for s in samples])]
+    keep = fit_lengths(samples, [n + args.max_new_tokens for n in lengths], args.max_length, args.drop_long,
+                       limit=f"--max-length {args.max_length} (prompt + --max-new-tokens {args.max_new_tokens})",
+                       verbose=verbose)
+    return [samples[i] for i in keep], [lengths[i] for i in keep]
 
 
 def all_mean(values, dist):
@@ -161,115 +155,144 @@ def make_rollout(model, tok, samples, idx, args, generator):
     return batch
 
 
+def reference_model(model, args):
+    """The model the KL penalty (beta > 0) keeps the policy near: the starting point. With LoRA, when only adapters
+    train, it is this very network with the adapters off (None here); otherwise a frozen copy, taken before
+    --resume loads the trained weights. None too when beta == 0: no KL term, no reference."""
+    lora_only = lora.has_lora(model) and all(lora.is_adapter(n) for n, p in model.named_parameters() if p.requires_grad)
+    if args.beta == 0 or lora_only:
+        return None
+    return lora.merge_lora(copy.deepcopy(model)).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def reference_logps(model, ref_model, batch, args):
+    if args.beta == 0:
+        return None
+    if ref_model is not None:
+        return grpo.completion_logps(ref_model, batch, args.temperature)
+    with lora.adapters_disabled(model):
+        return grpo.completion_logps(model, batch, args.temperature)
+
+
+def rollout_step(model, ref_model, tok, samples, lengths, args, step, dist, ctx):
+    """1. This process's prompts of the step (train_utils.batch_indices: exact on --resume), G completions each,
+    scored, with the reference and (for several updates per batch) the sampling policy's log-probs."""
+    model.eval()
+    rollouts = []
+    for micro in range(args.grad_accum):
+        idx = tu.batch_indices(step, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
+                               len(samples), args.seed, lengths)
+        with ctx:
+            b = make_rollout(model, tok, samples, idx, args, sample_generator(args, step, micro, dist))
+            b["ref_logps"] = reference_logps(model, ref_model, b, args)
+            with torch.no_grad():   # pi_old: needed only when the batch is reused for several updates
+                b["old_logps"] = grpo.completion_logps(model, b, args.temperature) if args.num_iterations > 1 else None
+        rollouts.append(b)
+    return rollouts
+
+
+def update_step(model, opt, rollouts, args, step, dist, ctx):
+    """2. --num-iterations optimizer updates on the rollout batch. Returns (per-micro-batch metrics, grad norm).
+
+    Gradients are averaged over processes by hand (average_gradients: one all_reduce per update) rather than by
+    wrapping the model in DDP, because the log-probs come from grpo.completion_logps, a forward of its own that
+    DDP's wrapper would never see."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_tokens = torch.tensor(float(sum(int(b["completion_mask"].sum()) for b in rollouts)), device=dist.device)
+    if dist.ddp:
+        torch_dist.all_reduce(n_tokens)   # dapo divides by the tokens of the whole generation batch
+    stats = {}
+    for _ in range(args.num_iterations):
+        for b in rollouts:
+            mask = b["completion_mask"].to(dist.device)
+            with ctx:
+                logps, entropy = grpo.completion_logps(model, b, args.temperature, with_entropy=True)
+                loss, m = grpo.grpo_loss(logps, b["old_logps"], b["ref_logps"], b["advantages"].to(dist.device),
+                                         mask, args.beta, args.eps_low, args.eps_high, args.loss_type,
+                                         args.max_new_tokens, n_tokens)
+            # dapo's loss is already a share of the global token count: sum it over micro-batches and
+            # processes; the others are means: average them (the gradient all_reduce averages processes).
+            (loss * (dist.world_size if args.loss_type == "dapo" else 1 / args.grad_accum)).backward()
+            m.update(loss=loss.item(), entropy=float(grpo.masked_mean(entropy, mask)))
+            for k, v in m.items():
+                stats.setdefault(k, []).append(v)
+        average_gradients(params, dist)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        tu.check_finite(sum(stats["loss"]), step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return stats, grad_norm
+
+
+def step_metrics(rollouts, stats, args, dist):
+    """3. The step's metrics, averaged over processes: rewards (total and per function), the update's metrics,
+    the fraction of groups whose completions all scored the same (no signal) and of completions cut off."""
+    G = args.num_generations
+    row = {k: all_mean(v, dist) for k, v in stats.items()}
+    row["reward"], row["reward_std"] = all_mean_std(torch.cat([b["rewards"] for b in rollouts]).tolist(), dist)
+    for name in args.reward_funcs:
+        row[f"reward_{name}"], row[f"reward_{name}_std"] = all_mean_std(
+            [x for b in rollouts for x in b["per_function"][name]], dist)
+    row["frac_zero_std_groups"] = all_mean([grpo.frac_zero_std_groups(b["rewards"], G) for b in rollouts], dist)
+    row["frac_truncated"] = all_mean([float(not s) for b in rollouts for s in b["stopped"].tolist()], dist)
+    return row
+
+
+def held_out(model, tok, val_samples, updates, args, log):
+    """Greedy answers to the held-out prompts after `updates` optimizer steps (main process), logged, so the run's
+    curve starts from the SFT model itself and uses the evaluation sample.py --eval uses."""
+    if not val_samples:
+        return None
+    report = evaluate_answers(model, tok, val_samples, limit=args.eval_answers, max_new_tokens=args.max_new_tokens)
+    r = report["all"]
+    log.log(updates, val_exact=r["exact"], val_text=r["text"])
+    tqdm.write(f"held-out after {updates} steps: exact {r['exact']:.1%}, text {r['text']:.1%}")
+    return report
+
+
 def main(argv=None):
     args = parse_args(argv)
     dist = tu.setup_distributed(args.device)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
     model, tok = build_model(args, dist)   # --init-from: the SFT checkpoint, its tokenizer
-    if model.numeric is not None:
+    if isinstance(model, NumericVLM):
         raise SystemExit(f"{args.init_from} has a numeric head; GRPO does not support it yet")
     model.to(dist.device)
-    samples, lengths = load_prompts(args, tok, model.cfg)
+    samples, lengths = load_prompts(args, tok, model.cfg, verbose=dist.is_main)
     lengths = tuple(lengths) if args.group_by_length else None   # prompts of similar length: less padding
     opt = make_vlm_optimizer(model, args)   # adds the LoRA adapters when --lora-rank > 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    # The reference model is the starting point. With LoRA, when only adapters train, it is this very network
-    # with the adapters off; otherwise a frozen copy (taken before --resume loads the trained weights).
-    lora_only = lora.has_lora(model) and all(lora.is_adapter(n) for n, p in model.named_parameters() if p.requires_grad)
-    ref_model = None
-    if args.beta > 0 and not lora_only:
-        ref_model = lora.merge_lora(copy.deepcopy(model)).requires_grad_(False).eval()
+    ref_model = reference_model(model, args)
     start_step = 0
     if args.resume:
-        start_step = lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)["step"]
+        if lora.has_lora(model):   # model.safetensors holds merged weights; the adapters are in train_state.pt
+            state = lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
+        else:
+            state = tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
+        start_step = state["step"]
     ctx = tu.autocast_context(dist.device, args.dtype)
     log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
-    G, T = args.num_generations, args.temperature
     if dist.is_main:
-        n_train = sum(p.numel() for p in params)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"grpo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M "
               f"trained{', LoRA' if lora.has_lora(model) else ''}), {len(samples)} prompts, "
-              f"{args.batch_size * args.grad_accum * dist.world_size} prompts x {G} completions per step, "
-              f"{dist.world_size} process(es)")
-
-    def ref_logps(batch):
-        if args.beta == 0:
-            return None
-        with torch.no_grad(), ctx:
-            if ref_model is not None:
-                return grpo.completion_logps(ref_model, batch, T)
-            with lora.adapters_disabled(model):
-                return grpo.completion_logps(model, batch, T)
-
+              f"{args.batch_size * args.grad_accum * dist.world_size} prompts x {args.num_generations} completions "
+              f"per step, {dist.world_size} process(es)")
     # only the main process evaluates, so only it reads the held-out file
     val_samples = (load_data(args.val_data, args.image_root)
                    if args.val_data and args.eval_answers and dist.is_main else None)
 
-    def held_out(updates):
-        """Greedy answers to the held-out prompts after `updates` optimizer steps (main process), logged, so
-        the run's curve starts from the SFT model itself and uses the evaluation sample.py --eval uses."""
-        if not val_samples:
-            return None
-        report = evaluate_answers(model, tok, val_samples, limit=args.eval_answers,
-                                  max_new_tokens=args.max_new_tokens)
-        r = report["all"]
-        log.log(updates, val_exact=r["exact"], val_text=r["text"])
-        tqdm.write(f"held-out after {updates} steps: exact {r['exact']:.1%}, text {r['text']:.1%}")
-        return report
-
-    report = before = held_out(0) if start_step == 0 else None
+    report = before = held_out(model, tok, val_samples, 0, args, log) if start_step == 0 else None
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                disable=not dist.is_main, desc="grpo")
     for step in bar:
         t0 = time.time()
         lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps, args.min_lr_ratio)
-        # 1. rollouts: this process's prompts, G completions each, scored
-        model.eval()
-        rollouts = []
-        for micro in range(args.grad_accum):
-            idx = tu.batch_indices(step, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
-                                   len(samples), args.seed, lengths)
-            with ctx:
-                b = make_rollout(model, tok, samples, idx, args,
-                                 sample_generator(args, step, micro, dist))
-                b["ref_logps"] = ref_logps(b)
-                with torch.no_grad():   # pi_old: needed only when the batch is reused for several updates
-                    b["old_logps"] = grpo.completion_logps(model, b, T) if args.num_iterations > 1 else None
-            rollouts.append(b)
-        n_tokens = torch.tensor(float(sum(int(b["completion_mask"].sum()) for b in rollouts)), device=dist.device)
-        if dist.ddp:
-            torch_dist.all_reduce(n_tokens)   # dapo divides by the tokens of the whole generation batch
-        # 2. updates: --num-iterations passes over the rollout batch, one optimizer step each
-        model.train()
-        stats = {}
-        for it in range(args.num_iterations):
-            for b in rollouts:
-                mask = b["completion_mask"].to(dist.device)
-                with ctx:
-                    logps, entropy = grpo.completion_logps(model, b, T, with_entropy=True)
-                    loss, m = grpo.grpo_loss(logps, b["old_logps"], b["ref_logps"], b["advantages"].to(dist.device),
-                                             mask, args.beta, args.eps_low, args.eps_high, args.loss_type,
-                                             args.max_new_tokens, n_tokens)
-                # dapo's loss is already a share of the global token count: sum it over micro-batches and
-                # processes; the others are means: average them (the gradient all_reduce averages processes).
-                (loss * (dist.world_size if args.loss_type == "dapo" else 1 / args.grad_accum)).backward()
-                m.update(loss=loss.item(), entropy=float(grpo.masked_mean(entropy, mask)))
-                for k, v in m.items():
-                    stats.setdefault(k, []).append(v)
-            average_gradients(params, dist)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            tu.check_finite(sum(stats["loss"]), step)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        # 3. metrics, averaged over processes
-        row = {k: all_mean(v, dist) for k, v in stats.items()}
-        row["reward"], row["reward_std"] = all_mean_std(torch.cat([b["rewards"] for b in rollouts]).tolist(), dist)
-        for name in args.reward_funcs:
-            row[f"reward_{name}"], row[f"reward_{name}_std"] = all_mean_std(
-                [x for b in rollouts for x in b["per_function"][name]], dist)
-        row["frac_zero_std_groups"] = all_mean([grpo.frac_zero_std_groups(b["rewards"], G) for b in rollouts], dist)
-        row["frac_truncated"] = all_mean([float(not s) for b in rollouts for s in b["stopped"].tolist()], dist)
+        rollouts = rollout_step(model, ref_model, tok, samples, lengths, args, step, dist, ctx)
+        stats, grad_norm = update_step(model, opt, rollouts, args, step, dist, ctx)
+        row = step_metrics(rollouts, stats, args, dist)
         row.update(lr=lr, grad_norm=float(grad_norm), step_time=time.time() - t0)
         log.log(step, **row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['completion_length']:.1f}")
@@ -277,7 +300,7 @@ def main(argv=None):
             tqdm.write(f"step {step}: reward {row['reward']:.3f}  e.g. {rollouts[0]['texts'][0]!r}")
         last = step == args.max_steps - 1 or step + 1 == args.stop_at_step
         if (step + 1) % args.eval_every == 0 or last:
-            report = held_out(step + 1)
+            report = held_out(model, tok, val_samples, step + 1, args, log)
         if (step + 1) % args.save_every == 0 or last:
             save_vlm_checkpoint(out_dir, model, tok, opt, step + 1, args, dist)
             log.plot(["reward"] + [f"reward_{n}" for n in args.reward_funcs] + ["val_text", "val_exact"], "reward.png",
@@ -293,4 +316,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

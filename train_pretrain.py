@@ -11,19 +11,14 @@ Real weights (GPUs; LLaVA-CC3M-Pretrain-595K: chat.json + images/):
     torchrun --standalone --nproc_per_node=8 train_pretrain.py --preset qwen2.5-0.5b-siglip \
         --data chat.json --image-root images/ --out-dir out/pretrain
 
-Resume an interrupted run exactly: add --resume (same flags, same --out-dir).
+The loop is train_sft.py's. Resume an interrupted run exactly: add --resume (same flags, same --out-dir).
 Every flag: python train_pretrain.py --help
 """
 
-import sys
+import functools
 
-from nanovlm.vlm_train import build_parser, train
+from nanovlm.cli import run_cli
+from train_sft import main
 
-
-def main(argv=None):
-    args = build_parser(__doc__, stage="pretrain").parse_args(argv)
-    train(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # the same loop as stage 2, with stage 1's defaults
+    run_cli(functools.partial(main, stage="pretrain", doc=__doc__))

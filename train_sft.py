@@ -1,39 +1,138 @@
 """Stage 2: instruction tuning. The projector and the LM learn to answer questions about images.
+This file holds the training loop that stage 1 (train_pretrain.py) runs too, with its own defaults.
 
 Offline, on the embedded default (tiny model from scratch, synthetic data generated on first use, CPU):
     python train_sft.py
-    python sample.py --ckpt out/sft --image data/synthetic/images/val/000000.png --prompt "What shape is in the center?"
+    python sample.py --ckpt out/sft --image data/synthetic/images/val/000001.png --prompt "Where is the yellow triangle?"
 
 Real weights (GPUs), after stage 1 (train_pretrain.py):
-    torchrun --standalone --nproc_per_node=8 train_sft.py --preset qwen2.5-0.5b-siglip --init-from out/pretrain \
+    torchrun --standalone --nproc_per_node=8 train_sft.py --preset qwen2.5-0.5b-siglip --init-from out/pretrain \\
         --data llava_v1_5_mix665k.json --image-root images/ --out-dir out/sft
 
 Resume an interrupted run exactly: add --resume (same flags, same --out-dir).
 Every flag: python train_sft.py --help
 """
 
-import sys
+import time
+from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from nanovlm import lora
+from nanovlm import train_utils as tu
+from nanovlm import vlm_train as vt
+from nanovlm.cli import run_cli
 from nanovlm.data import load_data
 from nanovlm.evaluate import evaluate_answers, format_report
-from nanovlm.vlm_train import build_parser, train
 
 
-def main(argv=None):
-    parser = build_parser(__doc__, stage="sft")
-    parser.add_argument("--eval-answers", type=int, default=500,
+def train(args):
+    """Run the loop; returns (model, tokenizer, args, dist). The process group stays up for the caller."""
+    args = vt.resolve_args(args)
+    dist = tu.setup_distributed(args.device)
+    torch.manual_seed(args.seed + dist.rank)
+    out_dir = Path(args.out_dir)
+
+    # ---- model, data, optimizer --------------------------------------------------------------------------
+    model, tok = vt.build_model(args, dist)
+    model.to(dist.device)
+    model.cfg.system_prompt = args.system   # saved with the checkpoint: sampling uses the same chat template
+    train_set, val_set = vt.datasets(args, model, tok, verbose=dist.is_main)
+    opt = vt.make_vlm_optimizer(model, args)   # adds the LoRA adapters first when --lora-rank > 0
+
+    # ---- resume: weights, optimizer, step and RNG from --out-dir ---------------------------------------------
+    start_step = 0
+    if args.resume:
+        if lora.has_lora(model):   # model.safetensors holds merged weights; the adapters are in train_state.pt
+            state = lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
+        else:
+            state = tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
+        start_step = state["step"]
+
+    raw = model   # the plain module: what checkpoints store and what loss_counts() is asked
+    if dist.ddp:
+        # A micro-batch of text-only samples leaves the vision tower and projector out of the graph; DDP must
+        # then be told to look for unused parameters, or it waits for their gradients forever.
+        text_only = any(not s["images"] for s in train_set.samples)
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=text_only)
+    ctx = tu.autocast_context(dist.device, args.dtype)
+    scaler = tu.grad_scaler(dist.device, args.dtype)   # fp16 only: bf16 and fp32 need no loss scaling
+    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
+    if dist.is_main:
+        n_params = sum(p.numel() for p in raw.parameters())
+        n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        print(f"{args.stage}: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), {len(train_set)} "
+              f"samples, {raw.cfg.image_tokens} tokens per image, {dist.world_size} process(es)")
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    loader = iter(vt.batches(train_set, args, dist, start_step, tok.endoftext))
+    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+               disable=not dist.is_main, desc=args.stage)
+    model.train()
+    t0, tokens, flops, losses = time.time(), 0, 0, []
+    for step in bar:
+        lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps, args.min_lr_ratio)
+        micro_batches = [next(loader) for _ in range(args.grad_accum)]
+        # The loss is summed over labelled tokens and divided by their count in the whole global batch (every
+        # micro-batch, every process; counted on the CPU, one all_reduce), so splitting a batch into
+        # micro-batches or processes changes nothing. DDP then averages gradients over processes.
+        norm = tu.global_counts([raw.loss_counts(b) for b in micro_batches], dist)
+        loss, parts = 0.0, {}
+        for micro, b in enumerate(micro_batches):
+            tokens += int((b["attention_mask"] > 0).sum())   # counted on the CPU tensors: no device sync
+            flops += vt.train_flops(raw, b)
+            with tu.sync_context(model, micro == args.grad_accum - 1), ctx:
+                out = model(**vt.to_device(b, dist.device), **norm)
+            scaler.scale(out["loss"]).backward()
+            loss = loss + out["loss"].detach()
+            for k in ("token_ce", "numeric_mse"):   # the numeric head's two parts of the loss, logged apart
+                if k in out:
+                    parts[k] = parts.get(k, 0.0) + out[k].detach()
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss)   # tensors: read (one sync) at the next log step, not here
+
+        last = step == args.max_steps - 1 or step + 1 == args.stop_at_step
+        if step % args.log_every == 0 or last:
+            loss = tu.check_losses(losses, step, dist)   # this process's losses since the last log, mean over processes
+            dt = time.time() - t0
+            tok_s = tokens * dist.world_size / max(dt, 1e-9)
+            mfu = tu.mfu(flops / max(dt, 1e-9), dist.device)   # this process's FLOP/s over its device's peak
+            log.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
+                    **({"mfu": mfu} if mfu is not None else {}), **{k: float(v) for k, v in parts.items()})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
+            t0, tokens, flops, losses = time.time(), 0, 0, []
+        if val_set is not None and ((step + 1) % args.eval_every == 0 or last):
+            val = vt.evaluate_loss(model, val_set, args, dist, tok.endoftext, ctx)
+            log.log(step, val_loss=val)
+            if dist.is_main:
+                tqdm.write(f"step {step + 1}: val loss {val:.4f}")
+        if (step + 1) % args.save_every == 0 or last:
+            tu.check_losses(losses, step, dist)   # never save weights a non-finite loss has touched
+            vt.save_vlm_checkpoint(out_dir, model, tok, opt, step + 1, args, dist)
+            log.plot(["loss", "val_loss"], "loss.png", title=f"{args.stage} loss", logy=True)
+        if step + 1 == args.stop_at_step:
+            break
+    return lora.merge_lora(raw), tok, args, dist   # as saved: plain layers, any adapters folded in
+
+
+def main(argv=None, stage="sft", doc=__doc__):
+    parser = vt.build_parser(doc, stage=stage)
+    parser.add_argument("--eval-answers", type=int, default=500 if stage == "sft" else 0,
                         help="after training, answer this many validation questions and print accuracy (0: skip)")
     args = parser.parse_args(argv)
-    model, tok, args = train(args)
-    if args.eval_answers and args.val_data and getattr(model, "cfg", None) is not None:
-        import torch.distributed as dist
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return
-        samples = load_data(args.val_data, args.image_root)
-        report = evaluate_answers(model, tok, samples, limit=args.eval_answers, show=5)
+    model, tok, args, dist = train(args)
+    if args.eval_answers and args.val_data and dist.is_main:   # one process answers; the others wait
+        report = evaluate_answers(model, tok, load_data(args.val_data, args.image_root), limit=args.eval_answers,
+                                  show=5)
         print(f"\nheld-out answers ({args.val_data}):\n{format_report(report)}")
         print(f"\ncheckpoint: {args.out_dir}   try: python sample.py --ckpt {args.out_dir} --image IMAGE --prompt TEXT")
+    tu.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -29,24 +29,20 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers  # benchmarks compare against it; nanovlm/ never imports it
+from transformers import Qwen2Config as HFQwen2Config
+from transformers import Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-
-import transformers  # noqa: E402  (benchmarks compare against it; nanovlm/ never imports it)
-from transformers import Qwen2Config as HFQwen2Config  # noqa: E402
-from transformers import Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel  # noqa: E402
-
-from nanovlm.attention import KVCache  # noqa: E402
-from nanovlm.qwen2 import Qwen2  # noqa: E402
-from nanovlm.siglip import SiglipViT  # noqa: E402
-from nanovlm.weights import config_dtype  # noqa: E402
+from nanovlm.attention import KVCache
+from nanovlm.qwen2 import Qwen2
+from nanovlm.siglip import SiglipViT
+from nanovlm.weights import config_dtype
 
 DTYPES = ["bf16", "bfloat16", "float32", "fp32"]
 BENCHES = ("qwen2-train", "qwen2-decode", "siglip")

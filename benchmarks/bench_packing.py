@@ -16,13 +16,9 @@ reported.
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from nanovlm import train_utils as tu
 from nanovlm import vlm_train as vt
@@ -55,7 +51,7 @@ def main(argv=None):
              "packed": [pack(g, tok.endoftext, args.max_length) for g in groups]}
 
     def loss_of(b):
-        return model(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])["loss"]
+        return model(**vt.to_device(b, "cpu"))["loss"]
 
     # Same function: loss and gradients of the first batch, padded vs packed.
     params = [p for p in model.parameters() if p.requires_grad]

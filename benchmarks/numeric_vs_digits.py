@@ -24,18 +24,21 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+from nanovlm.data import load_data, load_image
+from nanovlm.numeric import NumericVLM, parse_numbers, strip_numbers
+from nanovlm.rewards import extract_numbers
+from nanovlm.tokenizer import Tokenizer
+from nanovlm.vlm import VLM
 
-from nanovlm.data import load_data, load_image                       # noqa: E402
-from nanovlm.numeric import parse_numbers, strip_numbers             # noqa: E402
-from nanovlm.rewards import extract_numbers                          # noqa: E402
-from nanovlm.vlm_train import build_parser, train                    # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_one(name, args, numeric):
@@ -49,15 +52,18 @@ def train_one(name, args, numeric):
     if numeric:
         flags += ["--numeric", "--numeric-lr", str(args.numeric_lr),
                   "--numeric-loss-weight", str(args.numeric_loss_weight)]
-    t0 = time.time()
-    model, tok, _ = train(build_parser(__doc__, stage="sft").parse_args(flags))
-    return model.eval(), tok, time.time() - t0
+    t0 = time.time()   # train_sft.py's loop, as a user runs it
+    subprocess.run([sys.executable, str(ROOT / "train_sft.py"), *flags, "--eval-answers", "0"], check=True)
+    seconds = time.time() - t0
+    out_dir = os.path.join(args.out_dir, name)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    return VLM.from_pretrained(out_dir).to(device), Tokenizer.from_dir(out_dir), seconds
 
 
 @torch.no_grad()
 def answer_values(model, tok, samples, batch_size=32, max_new_tokens=16):
     """The first number of each greedy answer (None when there is none)."""
-    numeric = model.numeric is not None
+    numeric = isinstance(model, NumericVLM)
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(samples), batch_size):
@@ -70,7 +76,7 @@ def answer_values(model, tok, samples, batch_size=32, max_new_tokens=16):
             pixels += [load_image(p, model.cfg.image_size, s["where"]) for p in s["images"]]
         pixel_values = torch.stack(pixels).to(device)
         if numeric:
-            _, preds = model.generate(prompts, pixel_values, max_new_tokens=max_new_tokens)
+            _, preds = model.generate_numbers(prompts, pixel_values, max_new_tokens=max_new_tokens)
             out += [p[0]["value"] if p else None for p in preds]
         else:
             for ids in model.generate(prompts, pixel_values, max_new_tokens=max_new_tokens):

@@ -15,10 +15,16 @@ Each becomes one normalised sample; unknown keys (qtype, solution, id, ...) are 
 
     {"images": [absolute paths], "messages": [{"role", "content"}], "where": "file.jsonl:LINE", ...}
 
-Relative image paths are resolved against --image-root, else the data file's folder. Bad input is an
-error naming file:line and what is wrong (malformed JSON, unknown format or role, a missing image,
-<image> tags that do not match the images); nothing is skipped silently. Only a corrupt image file is
-found late, when __getitem__ opens it (opening 595K images up front would take an hour).
+Relative image paths are resolved against --image-root, else the data file's folder. Everything is checked
+when a run starts, before the first step, so no bad sample surfaces at step 10,000 of a GPU job. Bad input is
+an error naming file:line and what is wrong, every bad record of a file counted in one line: bytes that are
+not UTF-8, malformed JSON, a single JSON object instead of a list, text after a list, an unknown format or
+role, turns out of order (an optional system turn, then user and assistant alternating, ending with the
+assistant: a conversation with no answer trains nothing), <image> tags that do not match the images, an image
+that is missing, unreadable or of an unsupported pixel mode (its header is opened, nothing decoded),
+chat-control tokens typed in the text (tokenizer.py), malformed <num> markup, an empty file, a mixing weight
+that rounds a file to no samples. Nothing is skipped silently. Only an image corrupt past its header is found
+late, when __getitem__ decodes it (decoding 595K images up front would take an hour).
 
 Several datasets are mixed with weights, `--data a.jsonl:2 b.json:1`: weights are sampling
 proportions (here 2/3 of the mixture comes from a.jsonl, repeating it if it is short).
@@ -26,7 +32,8 @@ proportions (here 2/3 of the mixture comes from a.jsonl, repeating it if it is s
 VLMDataset tokenizes with the chat template (tokenizer.py) and loads pixels with the SigLIP
 preprocessing (siglip.py); collate right-pads a batch. Samples are never truncated: cutting through
 the image tokens or the answer would teach garbage, so an over-long sample is an error (or, with
-drop_long=True, dropped and counted) decided at construction, so indices never change while training.
+drop_long=True, dropped and counted) decided at construction, so indices never change while training; the
+construction prints one line per data file: samples, dropped, why.
 Cost of that length scan: the chats are tokenized in one Rust encode_batch call with a single pad per
 image (every image costs exactly image_tokens + 2 tokens) and the system turn counted once: 0.1-0.3 ms
 a sample, a minute or two for LLaVA's 595K captions, paid once at start-up. The real tokenization
@@ -39,6 +46,7 @@ concatenates them in reading order, as the VLM expects); with numeric=False it i
 """
 
 import json
+import math
 import os
 import random
 import re
@@ -46,8 +54,8 @@ import re
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from nanovlm.numeric import parse_numbers, strip_numbers
-from nanovlm.siglip import preprocess_image
+from nanovlm.numeric import parse_numbers, split_numbers
+from nanovlm.siglip import IMAGE_MODES, preprocess_image
 from nanovlm.tokenizer import DEFAULT_SYSTEM, IMAGE_TAG
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -60,8 +68,7 @@ WHITESPACE = re.compile(r"\s*")
 
 def read_records(path):
     """Yield (line, record) from a JSON list or a JSONL file (decided by the first character)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     pos = WHITESPACE.match(text).end()
     if text[pos:pos + 1] != "[":   # JSONL
         for i, line in enumerate(text.splitlines(), 1):
@@ -69,6 +76,7 @@ def read_records(path):
                 try:
                     yield i, json.loads(line)
                 except json.JSONDecodeError as e:
+                    single_json_value(path, text)   # a pretty-printed object reads as a broken first line
                     raise ValueError(f"{path}:{i}: malformed JSON line: {e.msg} (column {e.colno})") from None
         return
     # A JSON list, decoded one element at a time so each record knows the line it starts on.
@@ -87,9 +95,56 @@ def read_records(path):
         elif text[pos:pos + 1] != "]":
             lineno = line + text.count("\n", last, pos)
             raise ValueError(f"{path}:{lineno}: malformed JSON: expected ',' or ']' after a record")
+    rest = WHITESPACE.match(text, pos + 1).end()
+    if rest < len(text):   # json.load would refuse this too; a list that stops early would lose the rest
+        lineno = 1 + text.count("\n", 0, rest)
+        raise ValueError(f"{path}:{lineno}: text after the JSON list's closing ']' (two lists one after the other?): "
+                         "merge them into one list, or write JSONL (one record a line)")
 
 
-def normalise(record, where, base_dir, check_images=True):
+def read_text(path):
+    """The file as text; bytes that are not UTF-8 are an error naming the line (a leading BOM is fine)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: byte 0x{data[e.start]:02x} (column {column}) is not UTF-8: "
+                         "save the file as UTF-8") from None
+
+
+def single_json_value(path, text):
+    """Raise a clear error if the whole file is one JSON value (typically a pretty-printed object), not a list."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    what = (f"a single JSON object (keys {sorted(value)[:6]})" if isinstance(value, dict)
+            else f"a single JSON {type(value).__name__}")
+    raise ValueError(f"{path}:1: the file is {what}; expected a JSON list of records, or JSONL (one record a "
+                     "line). If the records are under one key, save that list on its own")
+
+
+def check_roles(messages, where):
+    """A conversation is an optional system turn, then user and assistant turns alternating, starting with the
+    user and ending with the assistant: anything else would train on the wrong text, or on nothing at all."""
+    k0 = 1 if messages and messages[0]["role"] == "system" else 0
+    if len(messages) == k0:
+        raise ValueError(f"{where}: the conversation has no user or assistant turn")
+    for k, m in enumerate(messages[k0:], k0):
+        want = "user" if (k - k0) % 2 == 0 else "assistant"
+        if m["role"] != want:
+            first = "; only the first turn may be the system prompt" if m["role"] == "system" else ""
+            raise ValueError(f"{where}: turn {k} has role {m['role']!r} where {want!r} belongs (turns must "
+                             f"alternate user, assistant, starting with the user{first})")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the conversation ends on a user turn (turn {len(messages) - 1}): "
+                         "it needs an assistant answer, the text that is trained")
+
+
+def normalise(record, where, base_dir):
     """One record in any of the three formats -> a normalised sample (see the module docstring)."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -117,6 +172,7 @@ def normalise(record, where, base_dir, check_images=True):
     else:
         raise ValueError(f"{where}: unknown record format with keys {sorted(record)}; expected "
                          "'conversations' (LLaVA or role/content) or 'query'+'response' (OCR)")
+    check_roles(messages, where)
 
     images = [] if images is None else [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
@@ -125,49 +181,91 @@ def normalise(record, where, base_dir, check_images=True):
     if n_tags != len(images):
         raise ValueError(f"{where}: {n_tags} {IMAGE_TAG} tag(s) in the text but {len(images)} image(s)")
     paths = [os.path.abspath(os.path.join(base_dir, p)) for p in images]
-    for p in paths:
-        if check_images and not os.path.isfile(p):
-            raise FileNotFoundError(f"{where}: image file not found: {p}")
     extra = {k: v for k, v in record.items() if k not in CONSUMED}
     return {**extra, "images": paths, "messages": messages, "where": where}
 
 
+def check_image(path, where):
+    """Open the image's header (nothing decoded) so a missing, unreadable or unsupported image is
+    found before training starts. A file corrupt past its header is found when a batch decodes it."""
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{where}: cannot read image {path}: {e}") from None
+    if mode not in IMAGE_MODES:
+        raise ValueError(f"{where}: image {path} has pixel mode {mode!r}, which is not supported: convert it to RGB")
+
+
 def load_dataset(path, image_root=None, check_images=True):
-    """Every record of one file, normalised. check_images=False skips the existence check (one stat
-    per image: seconds for 595K local files, but slow on a network file system)."""
+    """Every record of one file, normalised. Every record is checked (format, roles, <image> tags, each image's
+    header) and all bad ones are reported together: the first by file:line, then how many more.
+    check_images=False skips opening the images (one header read per image: seconds for 100K local files, but
+    slow on a network file system)."""
     base_dir = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
-    return [normalise(r, f"{path}:{line}", base_dir, check_images) for line, r in read_records(path)]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    samples, bad, checked = [], [], set()
+    for line, record in read_records(path):
+        where = f"{path}:{line}"
+        try:
+            sample = normalise(record, where, base_dir)
+            for p in sample["images"] if check_images else ():
+                if p not in checked:
+                    check_image(p, where)
+                    checked.add(p)
+            samples.append(sample)
+        except (ValueError, FileNotFoundError) as e:
+            bad.append((line, e))
+    if bad:
+        first, lines = bad[0][1], [str(n) for n, _ in bad[1:6]] + (["..."] if len(bad) > 6 else [])
+        more = f" (and {len(bad) - 1} more bad record(s) in {path}, line {', '.join(lines)})" if len(bad) > 1 else ""
+        raise type(first)(f"{first}{more}")
+    if not samples:
+        raise ValueError(f"{path}: no records (an empty file or an empty list)")
+    return samples
 
 
 def parse_data_spec(spec):
     """'a.jsonl:2 b.json:1' (or a list of such strings, or commas) -> [("a.jsonl", 2.0), ("b.json", 1.0)].
-    A missing weight is 1. Only a trailing ':number' is a weight, so 'C:/data/x.json' stays a path."""
+    A missing weight is 1. Only a trailing ':number' is a weight, so 'C:/data/x.json' stays a path; a trailing
+    ':word' (no slash) is a mistyped weight, unless a file of that very name exists."""
     items = spec.replace(",", " ").split() if isinstance(spec, str) else [s for x in spec for s in
                                                                           x.replace(",", " ").split()]
     out = []
     for item in items:
-        path, _, w = item.rpartition(":")
+        path, colon, w = item.rpartition(":")
         try:
             weight = float(w)
         except ValueError:
+            if colon and path and not any(c in w for c in "/\\") and not os.path.exists(item):
+                raise ValueError(f"bad --data item {item!r}: weight {w!r} is not a number "
+                                 "(expected PATH or PATH:WEIGHT, e.g. a.jsonl:0.5)") from None
             path, weight = item, 1.0
-        if not path or not weight > 0:
-            raise ValueError(f"bad data spec {item!r}: expected PATH or PATH:WEIGHT with WEIGHT > 0")
+        if not path or not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"bad --data item {item!r}: expected PATH or PATH:WEIGHT with WEIGHT a finite number > 0")
         out.append((path, weight))
     if not out:
-        raise ValueError("empty data spec")
+        raise ValueError("empty data spec: give at least one data file")
     return out
 
 
-def mix(datasets, weights, total=None, seed=0):
+def mix(datasets, weights, total=None, seed=0, names=None):
     """Draw round(total * w_i / sum(w)) samples from dataset i (total defaults to all samples):
     whole shuffled passes, then a shuffled remainder, so a short dataset with a big weight repeats
-    evenly and a long one with a small weight is subsampled without repeats. Returns one shuffled list."""
+    evenly and a long one with a small weight is subsampled without repeats. Returns one shuffled list.
+    A weight so small that its dataset rounds to 0 samples is an error naming it (names: one per dataset)."""
     rng = random.Random(seed)
     total = sum(len(d) for d in datasets) if total is None else total
+    names = names or [f"dataset {i}" for i in range(len(datasets))]
     out = []
-    for data, w in zip(datasets, weights):
+    for data, w, name in zip(datasets, weights, names):
         n = round(total * w / sum(weights))
+        if n == 0 and data:
+            raise ValueError(f"{name}: weight {w:g} of {sum(weights):g} in total gives it 0 of the {total} samples "
+                             "in the mix: raise its weight or leave it out")
         while n > 0 and data:
             order = rng.sample(range(len(data)), len(data))[:n]
             out += [data[i] for i in order]
@@ -182,7 +280,38 @@ def load_data(spec, image_root=None, seed=0, total=None, check_images=True):
     datasets = [load_dataset(p, image_root, check_images) for p, _ in parsed]
     if len(datasets) == 1 and total is None:
         return datasets[0]
-    return mix(datasets, [w for _, w in parsed], total, seed)
+    return mix(datasets, [w for _, w in parsed], total, seed, names=[p for p, _ in parsed])
+
+
+def source(where):
+    """'data/a.jsonl:12' -> 'data/a.jsonl' (the file a sample came from)."""
+    return where.rpartition(":")[0] or where
+
+
+def fit_lengths(samples, lengths, max_length, drop_long=False, limit=None, verbose=True):
+    """Indices of the samples whose length (tokens) fits max_length. A longer sample is an error, or with drop_long
+    dropped and counted; verbose prints one line per data file (samples, dropped, why). No sample left is an
+    error naming the files. limit: how to name the limit in messages (default "max_length=N")."""
+    limit = limit or f"max_length={max_length}"
+    long = [(s["where"], n) for s, n in zip(samples, lengths) if n > max_length]
+    report = ", ".join(f"{w} ({n} tokens)" for w, n in long[:5]) + (", ..." if len(long) > 5 else "")
+    if long and not drop_long:
+        raise ValueError(f"{len(long)} sample(s) longer than {limit}: {report}. "
+                         "Raise the limit or pass drop_long=True (--drop-long) to drop them.")
+    keep = [i for i, n in enumerate(lengths) if n <= max_length]
+    files = list(dict.fromkeys(source(s["where"]) for s in samples))
+    if not keep:
+        raise ValueError(f"no samples left in {', '.join(files) or 'the data'}: all {len(samples)} are longer than "
+                         f"{limit} (first {report})" if samples else "no samples")
+    if verbose:
+        for f in files:
+            mine = [s for s in samples if source(s["where"]) == f]
+            dropped = [(w, n) for w, n in long if source(w) == f]
+            why = f": longer than {limit}, first {dropped[0][0]} ({dropped[0][1]} tokens)" if dropped else ""
+            records = len(set(s["where"] for s in mine))
+            print(f"data {f}: {len(mine) - len(dropped)} samples ({records} record{'s' * (records != 1)}), "
+                  f"{len(dropped)} dropped{why}")
+    return keep
 
 # -----------------------------------------------------------------------------
 # images, tokens, batches
@@ -195,30 +324,31 @@ def load_image(path, size, where):
             return preprocess_image(image, size)   # (3, size, size) in [-1, 1]
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:   # ValueError: preprocess_image's
         raise ValueError(f"{where}: cannot read image {path}: {e}") from None
 
 
 class VLMDataset(torch.utils.data.Dataset):
     def __init__(self, samples, tokenizer, image_size, image_tokens, max_length, drop_long=False,
-                 system=DEFAULT_SYSTEM, numeric=False):
+                 system=DEFAULT_SYSTEM, numeric=False, verbose=True):
+        """Checks every sample before training starts (roles, <image> tags, <num> markup, chat-control text,
+        length; the files' records and image headers were checked by load_dataset) and prints one line per
+        data file (verbose). An empty dataset, before or after dropping, is an error naming the files."""
         self.tokenizer, self.image_size, self.image_tokens, self.system = tokenizer, image_size, image_tokens, system
         self.numeric = numeric
-        for s in samples:  # hand-built samples get the same check as loaded ones
+        if not samples:
+            raise ValueError("no samples: the dataset is empty")
+        for s in samples:  # hand-built samples get the same checks as loaded ones
+            check_roles(s["messages"], s["where"])
             n_tags = sum(m["content"].count(IMAGE_TAG) for m in s["messages"])
             if n_tags != len(s["images"]):
                 raise ValueError(f"{s['where']}: {n_tags} {IMAGE_TAG} tag(s) but {len(s['images'])} image(s)")
         samples = [self.parse_numbers(s) for s in samples]
-        lengths = tokenizer.chat_lengths([s["messages"] for s in samples], image_tokens, system)
-        long = [(s["where"], n) for s, n in zip(samples, lengths) if n > max_length]
-        report = ", ".join(f"{w} ({n} tokens)" for w, n in long[:5]) + (", ..." if len(long) > 5 else "")
-        if long and not drop_long:
-            raise ValueError(f"{len(long)} sample(s) longer than max_length={max_length}: {report}. "
-                             "Raise max_length or pass drop_long=True (--drop-long) to drop them.")
-        if long:
-            print(f"dropped {len(long)} of {len(samples)} samples longer than max_length={max_length}: {report}")
-        self.n_dropped = len(long)
-        keep = [i for i, n in enumerate(lengths) if n <= max_length]
+        # chat_lengths renders every chat, refusing chat-control tokens in the text (template injection)
+        lengths = tokenizer.chat_lengths([s["messages"] for s in samples], image_tokens, system,
+                                         wheres=[s["where"] for s in samples])
+        keep = fit_lengths(samples, lengths, max_length, drop_long, verbose=verbose)
+        self.n_dropped = len(samples) - len(keep)
         self.samples = [samples[i] for i in keep]
         self.lengths = [lengths[i] for i in keep]   # for length-grouped batching, if wanted
 
@@ -229,28 +359,24 @@ class VLMDataset(torch.utils.data.Dataset):
         """<num><v> markup in every turn -> <num> tokens + s["num_values"] (numeric), or plain digits."""
         if "<num>" not in "".join(m["content"] for m in s["messages"]):
             return {**s, "num_values": []}
-        messages, values = [], []
-        for m in s["messages"]:
-            if self.numeric:
-                text, v = parse_numbers(m["content"], where=s["where"])
-                values += v
-            else:
-                text = strip_numbers(m["content"], where=s["where"])
-            messages.append({**m, "content": text})
+        messages, values = split_numbers(s["messages"], self.numeric, s["where"])
         return {**s, "messages": messages, "num_values": values}
 
     def __getitem__(self, i):
         s = self.samples[i]
-        ids, labels = self.tokenizer.encode_chat(s["messages"], self.image_tokens, system=self.system)
+        ids, labels = self.tokenizer.encode_chat(s["messages"], self.image_tokens, system=self.system,
+                                                 where=s["where"])
         H = W = self.image_size
         pixels = [load_image(p, self.image_size, s["where"]) for p in s["images"]]
         pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, H, W)   # (n_img, 3, H, W)
-        num_values = torch.tensor(s["num_values"], dtype=torch.float32)               # (n_num,)
-        if self.numeric and ids.count(self.tokenizer.num) != len(num_values):
-            raise ValueError(f"{s['where']}: {ids.count(self.tokenizer.num)} <num> token(s) after tokenizing but "
-                             f"{len(num_values)} value(s): is there a <num> in the system prompt?")
-        return dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
-                    pixel_values=pixel_values, num_values=num_values, where=s["where"])
+        item = dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
+                    pixel_values=pixel_values, where=s["where"])
+        if self.numeric:
+            item["num_values"] = torch.tensor(s["num_values"], dtype=torch.float32)      # (n_num,)
+            if ids.count(self.tokenizer.num) != len(s["num_values"]):
+                raise ValueError(f"{s['where']}: {ids.count(self.tokenizer.num)} <num> token(s) after tokenizing "
+                                 f"but {len(s['num_values'])} value(s): is there a <num> in the system prompt?")
+        return item
 
 
 def collate(batch, pad_id):
@@ -298,8 +424,9 @@ def _fill_rows(batch, rows, pad_id):
             attention_mask[r, t:t + n] = k + 1
             t += n
     read = [batch[i] for row in rows for i in row]
-    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-                pixel_values=torch.cat([b["pixel_values"] for b in read]),   # (sum n_img, 3, H, W), may be (0, 3, H, W)
-                n_images=torch.tensor([b["pixel_values"].shape[0] for b in read], dtype=torch.long),
-                num_values=torch.cat([b.get("num_values", torch.zeros(0)) for b in read]),   # (sum n_num,)
-                where=[b["where"] for b in read])
+    out = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+               pixel_values=torch.cat([b["pixel_values"] for b in read]))   # (sum n_img, 3, H, W), maybe (0, 3, H, W)
+    if "num_values" in batch[0]:   # the numeric head's values, one per <num> token in reading order
+        out["num_values"] = torch.cat([b["num_values"] for b in read])      # (sum n_num,)
+    out["where"] = [b["where"] for b in read]   # the samples' names, for errors; not a model input
+    return out

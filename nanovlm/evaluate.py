@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from nanovlm.data import load_image
 from nanovlm.grpo import repeat_prompts
-from nanovlm.numeric import decode_numeric, parse_numbers, strip_numbers
+from nanovlm.numeric import NumericVLM, decode_numeric, split_numbers, strip_numbers
 from nanovlm.rewards import text_accuracy
 
 
@@ -42,23 +42,17 @@ def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32
     samples = samples[:limit] if limit else samples
     scores = defaultdict(lambda: {"n": 0, "exact": 0.0, "text": 0.0, "pass": 0.0, "sampled": 0.0})
     shown = 0
+    numeric = isinstance(model, NumericVLM)
     for i in tqdm(range(0, len(samples), batch_size), desc="evaluate", unit="batch", leave=False):
         chunk = samples[i:i + batch_size]
         prompts, pixels, refs, values, n_images = [], [], [], [], []
-        numeric = getattr(model, "numeric", None) is not None
         for s in chunk:
             if not s["messages"] or s["messages"][-1]["role"] != "assistant":
                 raise ValueError(f"{s['where']}: evaluation needs a conversation ending with an assistant answer")
-            messages, sample_values = [], []
-            for m in s["messages"][:-1]:
-                if numeric:   # values beside <num> tokens, as in training; else plain digits
-                    text, v = parse_numbers(m["content"], s["where"])
-                else:
-                    text, v = strip_numbers(m["content"], s["where"]), []
-                messages.append({**m, "content": text})
-                sample_values += v
+            # numbers as values beside <num> tokens for a model with the head, as in training; else plain digits
+            messages, sample_values = split_numbers(s["messages"][:-1], numeric, s["where"])
             ids, _ = tokenizer.encode_chat(messages, model.cfg.image_tokens, add_generation_prompt=True,
-                                           system=system)
+                                           system=system, where=s["where"])
             prompts.append(ids)
             values.append(sample_values)
             pixels += [load_image(p, image_size, s["where"]) for p in s["images"]]
@@ -74,7 +68,7 @@ def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32
                 outs = model.generate(rows, pv, max_new_tokens=max_new_tokens, **sampling)
                 return [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
             nums = [v for vs in values for _ in range(n) for v in vs]
-            outs, preds = model.generate(rows, pv, max_new_tokens=max_new_tokens, num_values=nums, **sampling)
+            outs, preds = model.generate_numbers(rows, pv, nums, max_new_tokens=max_new_tokens, **sampling)
             return [decode_numeric(tokenizer, out, pred)[0].strip() for out, pred in zip(outs, preds)]
 
         greedy = answers(1)

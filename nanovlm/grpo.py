@@ -225,7 +225,8 @@ def prompt_ids(tokenizer, sample, image_tokens, system):
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
         raise ValueError(f"{sample['where']}: GRPO needs a conversation ending with an assistant answer "
                          "(the solution the rewards compare to)")
-    ids, _ = tokenizer.encode_chat(messages[:-1], image_tokens, add_generation_prompt=True, system=system)
+    ids, _ = tokenizer.encode_chat(messages[:-1], image_tokens, add_generation_prompt=True, system=system,
+                                   where=sample["where"])
     return ids, messages[-1]["content"]
 
 

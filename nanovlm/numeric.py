@@ -29,6 +29,9 @@ The transform t squashes the range: "symlog" (default) is sign(x) * log1p(|x|), 
 numbers of order 1 to 15; for |x| >> 1 its slope 1/(1+|x|) turns an error into a relative one (10% off costs
 the same at 100 and at 1e6), while below 1 it stays close to x (absolute errors). "identity" regresses the
 raw value, where the largest numbers dominate the MSE.
+
+NumericVLM (at the end of this file) is the VLM with these pieces plugged in; a checkpoint whose config has
+"numeric" loads as one (VLM.from_pretrained).
 """
 
 import math
@@ -38,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanovlm.vlm import VLM
 
 NUM_TOKEN = "<num>"
 # A float: optional sign, digits with an optional decimal part (or ".5"), optional exponent. No thousands
@@ -51,8 +56,9 @@ MARKUP_RE = re.compile(r"<num>\s*<\s*(" + NUMBER + r")\s*>")
 
 
 def _scan(text, where, strict):
-    """Yield (start, end, value string) for each <num><v> in text. A <num> not followed by a valid <v> is an
-    error naming `where` (strict) or skipped (not strict: e.g. a model's completion being scored)."""
+    """Yield (start, end, value string) for each <num><v> in text. A <num> not followed by a valid <v>, or a value
+    beyond float range, is an error naming `where` (strict) or skipped / inf (not strict: e.g. a model's
+    completion being scored, where rewards.reward_numeric scores a non-finite value 0)."""
     pos = 0
     while (i := text.find(NUM_TOKEN, pos)) != -1:
         m = MARKUP_RE.match(text, i)
@@ -63,6 +69,9 @@ def _scan(text, where, strict):
                                  "<num><value> with a finite decimal value, e.g. <num><-1.5e3>")
             pos = i + len(NUM_TOKEN)
             continue
+        if strict and not math.isfinite(float(m.group(1))):
+            raise ValueError(f"{where or 'text'}: number {m.group(1)!r} at character {i} is too large for a float "
+                             "(it overflows to inf); a regression target must be a finite number")
         yield m.start(), m.end(), m.group(1)
         pos = m.end()
 
@@ -88,6 +97,21 @@ def strip_numbers(text, where=None):
     return "".join(out) + text[last:]
 
 
+def split_numbers(messages, numeric, where=None):
+    """The <num><v> markup of a conversation, for a model with the numeric head (numeric=True: each becomes a
+    <num> token and its value is collected, in reading order) or without one (the digits as written).
+    Returns (messages, values); values is [] when numeric is False."""
+    out, values = [], []
+    for m in messages:
+        if numeric:
+            text, v = parse_numbers(m["content"], where)
+            values += v
+        else:
+            text = strip_numbers(m["content"], where)
+        out.append({**m, "content": text})
+    return out, values
+
+
 def format_value(v):
     """Shortest text that reads back as exactly v: 3 for 3.0, else Python's repr (1234.56, -1.5e-07)."""
     v = float(v)
@@ -108,7 +132,7 @@ def format_numbers(text, values):
 
 
 def decode_numeric(tokenizer, token_ids, predictions):
-    """One row of VLM.generate's numeric output -> (text with <num><v> rendered, [{"value", "position"}]).
+    """One row of NumericVLM.generate_numbers' output -> (text with <num><v> rendered, [{"value", "position"}]).
     position is the index of the <num> token in token_ids (the generated tokens)."""
     text = tokenizer.decode(token_ids)
     return format_numbers(text, [p["value"] for p in predictions]), [dict(p) for p in predictions]
@@ -194,15 +218,112 @@ class Numeric(nn.Module):
         """Transform space -> raw values."""
         return self.inverse_t(t.float())
 
-    def loss(self, h, values):
-        """MSE between the head at hidden states h (N, lm_hidden) and the transformed targets (N,), in fp32.
-        With no numbers it is a 0 still tied to the head, so every parameter gets a (zero) gradient."""
+    def loss(self, h, values, denominator=None):
+        """Squared error between the head at hidden states h (N, lm_hidden) and the transformed targets (N,), in
+        fp32, summed and divided by `denominator` (default N: the MSE). With no numbers it is a 0 still tied to
+        the head, so every parameter gets a (zero) gradient."""
         pred = self.predict(h).float()                                   # (N,)
-        if pred.numel() == 0:
-            return pred.sum() * 0.0
-        return F.mse_loss(pred, self.forward_t(values.float()))
+        se = (pred - self.forward_t(values.float())).pow(2).sum()
+        return se / (max(pred.numel(), 1) if denominator is None else denominator)
 
 
 def numeric_loss(token_ce, numeric_mse, alpha):
     """total = token_ce + alpha * numeric_mse (both parts are logged separately by the trainer)."""
     return token_ce + alpha * numeric_mse
+
+
+# -----------------------------------------------------------------------------
+# the VLM with the head
+
+
+class NumericVLM(VLM):
+    """The VLM with numbers as values: embed() adds the value embedding at each <num>, forward() adds
+    alpha * the MSE of the head read at the position before each trained <num>, and generation feeds the
+    head's value back in whenever the model emits <num>.
+
+    num_values: one float per <num> token of the batch, in reading order (row by row), as data.collate makes.
+    """
+
+    def __init__(self, cfg, lm=None, vision=None, projector=None):
+        super().__init__(cfg, lm, vision, projector)
+        if isinstance(cfg.numeric, dict):
+            cfg.numeric = NumericConfig(**cfg.numeric)
+        cfg.numeric.lm_hidden = cfg.lm.hidden_size
+        self.numeric = Numeric(cfg.numeric)
+        self._generated_values = None   # per decoding step, the head's (B,) values (see generate_numbers)
+
+    @classmethod
+    def from_vlm(cls, vlm, numeric_cfg):
+        """Add a fresh head to a model trained without one (e.g. SFT from a pretrain checkpoint)."""
+        vlm.cfg.numeric = numeric_cfg
+        w = vlm.lm.embed_tokens.weight
+        return cls(vlm.cfg, vlm.lm, vlm.vision, vlm.projector).to(device=w.device, dtype=w.dtype).train(vlm.training)
+
+    def embed(self, input_ids, pixel_values=None, num_values=None):
+        """The VLM's embeddings + the value embedding of each <num>'s value at its position. (B, T) -> (B, T, C)."""
+        x = super().embed(input_ids, pixel_values)                              # (B, T, C)
+        is_num = input_ids == self.cfg.numeric.num_token_id                      # (B, T)
+        values = torch.zeros(0) if num_values is None else torch.as_tensor(num_values)
+        if int(is_num.sum()) != values.numel():
+            raise ValueError(f"numbers do not match values: the text has {is_num.sum(1).tolist()} <num> tokens per "
+                             f"row but {values.numel()} value(s) were given")
+        ve = self.numeric.embed(values.to(x.device).reshape(-1)).to(x.dtype)    # (N, C)
+        # Always computed, even for N = 0, so the value embedding is in the graph of every batch (DDP).
+        return x.masked_scatter(is_num[..., None], x[is_num] + ve)
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, num_values=None,
+                n_label_tokens=None, n_numbers=None):
+        """Without labels: {"logits", "numeric"} (the head's value at every position, (B, T)). With labels:
+        {"loss" = token_ce + alpha * numeric_mse, "token_ce", "numeric_mse", "n_tokens", "n_numbers"}; the MSE
+        is summed over the trained numbers and divided by n_numbers (default: this batch's count; see
+        VLM.forward for why the training loop passes the global batch's)."""
+        x = self.embed(input_ids, pixel_values, num_values)
+        h = self.lm.hidden_states(inputs_embeds=x, attention_mask=attention_mask)     # (B, T, C)
+        out = self.outputs(h, labels, n_label_tokens)
+        if labels is None:
+            out["numeric"] = self.numeric.decode(self.numeric.predict(h))              # (B, T)
+            return out
+        # The value of a trained <num> at t+1 is regressed from h[t], the state whose logits predict <num>.
+        is_num = input_ids == self.cfg.numeric.num_token_id                            # (B, T)
+        trained = is_num & (labels != -100)
+        trained[:, 0] = False                                                          # nothing precedes it
+        values = torch.as_tensor(num_values if num_values is not None else []).to(h.device).reshape(-1)
+        n = trained.sum()
+        mse = self.numeric.loss(h[:, :-1][trained[:, 1:]], values[trained[is_num]],   # (N_num, C), (N_num,)
+                                n.clamp(min=1) if n_numbers is None else n_numbers)
+        out.update(token_ce=out["loss"], numeric_mse=mse, n_numbers=n,
+                   loss=numeric_loss(out["loss"], mse, self.cfg.numeric.loss_weight))
+        return out
+
+    def loss_counts(self, batch):
+        trained = (batch["input_ids"] == self.cfg.numeric.num_token_id) & (batch["labels"] != -100)
+        return {**super().loss_counts(batch), "n_numbers": int(trained[:, 1:].sum())}
+
+    def step_embed(self, nxt, h):
+        """The chosen token's embedding, plus, where it is <num>, the value embedding of what the head reads from
+        the same states h that chose <num> (as training feeds in the true value)."""
+        x = super().step_embed(nxt, h)                                                 # (B, 1, C)
+        # Rounded to float32's ~7 significant digits, so the rendered text is short and exact.
+        values = torch.tensor([float(f"{v:.7g}") for v in self.numeric.decode(self.numeric.predict(h)).tolist()],
+                              device=x.device)                                         # (B,)
+        if self._generated_values is not None:
+            self._generated_values.append(values.tolist())
+        is_num = (nxt == self.cfg.numeric.num_token_id)[:, None, None]                 # (B, 1, 1)
+        return torch.where(is_num, x + self.numeric.embed(values).to(x.dtype)[:, None], x)
+
+    @torch.no_grad()
+    def generate_numbers(self, prompts, pixel_values=None, num_values=None, **kw):
+        """VLM.generate (num_values: the prompts' <num> values in reading order), plus the values the head gave
+        each generated <num>: returns (new-token lists, predictions), predictions[b] a list of {"value",
+        "position": index of that <num> in row b's new tokens}. decode_numeric renders a row as <num><v> text."""
+        self._generated_values = []
+        try:
+            tokens = self.generate(prompts, pixel_values, num_values=num_values, **kw)
+            steps = self._generated_values
+        finally:
+            self._generated_values = None
+        # Row b's k-th new token was chosen at decoding step k, and step_embed saw that step's values.
+        num = self.cfg.numeric.num_token_id
+        preds = [[{"value": steps[k][b], "position": k} for k, t in enumerate(row) if t == num]
+                 for b, row in enumerate(tokens)]
+        return tokens, preds

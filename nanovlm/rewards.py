@@ -233,11 +233,28 @@ def load_reward_plugin(path, registry=None):
     return dict(found)
 
 
+def _score(name, score, i, columns):
+    """One reward as a finite float; anything else (None, a string, NaN, inf) is an error naming the reward
+    function and the sample (columns["where"], when the data gave one): a NaN reward would turn the whole
+    batch's advantages, then the loss, into NaN."""
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not math.isfinite(value):
+        where = columns.get("where")
+        sample = f" (sample {where[i]})" if isinstance(where, (list, tuple)) else ""
+        raise ValueError(f"reward {name!r} returned {score!r} for completion {i}{sample}: a reward must be a "
+                         "finite number; fix the reward function")
+    return value
+
+
 def combine_rewards(names, weights, completions, solutions, **columns):
     """Score every completion with each named reward and mix them: total[i] = sum_k weights[k] * r_k[i].
 
     weights=None weighs every reward 1. Returns (total, {name: scores}), the per-function scores for logging.
-    Per-sample columns (lists/tuples) must have one entry per completion.
+    Per-sample columns (lists/tuples) must have one entry per completion. A score that is not a finite number
+    is an error naming the reward function and the sample.
     """
     names = list(names)
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
@@ -259,11 +276,9 @@ def combine_rewards(names, weights, completions, solutions, **columns):
         if name not in REWARD_FUNCS:
             raise KeyError(f"unknown reward {name!r}; registered: {sorted(REWARD_FUNCS)}")
         scores = REWARD_FUNCS[name](completions, solutions, **columns)
-        if len(scores) != n:
-            raise ValueError(f"reward {name!r} returned {len(scores)} scores for {n} completions")
-        try:
-            per_function[name] = [float(s) for s in scores]
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"reward {name!r} returned a score that is not a number: {e}") from e
+        if scores is None or len(scores) != n:
+            raise ValueError(f"reward {name!r} returned {'None' if scores is None else f'{len(scores)} scores'} "
+                             f"for {n} completions: it must return one number per completion")
+        per_function[name] = [_score(name, s, i, columns) for i, s in enumerate(scores)]
     total = [sum(w * per_function[name][i] for name, w in zip(names, weights)) for i in range(n)]
     return total, per_function

@@ -61,10 +61,40 @@ class SiglipConfig:
         return hf
 
 
+# Pillow modes preprocess_image reads correctly: 8-bit ones convert to RGB as they are; single-channel 16-bit,
+# 32-bit integer and float images are scaled to 8 bits first (a plain convert clips them: a 16-bit PNG turns all
+# white, a 0..1 float TIFF all black). Anything else (LAB, HSV, ...) is refused, naming the file (data.py).
+IMAGE_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "LA", "PA", "CMYK", "YCbCr", "I;16", "I;16L", "I;16B", "I;16N",
+               "I", "F"}
+
+
+def to_8bit(image):
+    """A single-channel high-bit-depth image -> mode "L", 0..255. I;16: 0..65535. I (32-bit integers, which some
+    16-bit files open as): read as 16-bit, so values must lie in 0..65535. F (floats): must lie in 0..1.
+    Values outside those ranges have no known meaning and are an error rather than a guess."""
+    x = np.asarray(image, dtype=np.float64)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if image.mode == "F":
+        if not (np.isfinite(x).all() and 0 <= lo and hi <= 1):
+            raise ValueError(f"float pixels in [{lo:g}, {hi:g}]: expected 0..1; save the image as 8-bit")
+        scale = 1.0
+    else:
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"{image.mode} pixels in [{lo:g}, {hi:g}]: expected 16-bit values 0..65535; "
+                             "save the image as 8-bit")
+        scale = 65535.0
+    return Image.fromarray(np.round(x * (255 / scale)).astype(np.uint8), "L")
+
+
 def preprocess_image(image, size=224):
     """PIL image -> (3, size, size) float32, exactly as the official SiglipImageProcessor does it:
     RGB (transparent pixels over white), bicubic resize to size x size, x * (1/255), (x - 0.5) / 0.5
-    (so pixels land in [-1, 1])."""
+    (so pixels land in [-1, 1]). High-bit-depth images are first scaled to 8 bits (to_8bit)."""
+    if image.mode not in IMAGE_MODES:
+        raise ValueError(f"pixel mode {image.mode!r} is not supported (supported: {', '.join(sorted(IMAGE_MODES))}); "
+                         "convert the image to RGB")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = to_8bit(image)
     if image.mode != "RGB":  # a plain convert("RGB") would show transparent areas as whatever colour they hide
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba).convert("RGB")

@@ -17,6 +17,7 @@ Everything is written in the formats people already use, so the real loaders in 
       charts_{train,val}.json              LLaVA format + "qtype" chart_value|chart_total + "chart" (what was
                                            drawn); answers are numbers written <num><v> (numeric.py)
       scenes_{train,val}.jsonl             what was drawn (for tests and error analysis)
+      tokenizer.json                       a byte-level BPE trained on the dataset's language (synthetic_tokenizer)
       DONE.json                            written last, holds the parameters: a finished dataset
 
 Image paths are relative to out_dir. Generation is deterministic for a seed (same bytes every run)
@@ -32,13 +33,16 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 from functools import lru_cache
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from nanovlm.numeric import format_value
+from nanovlm.tokenizer import Tokenizer, train_tiny_tokenizer
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
            "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30)}
@@ -55,6 +59,7 @@ TRAIN_TURNS = 4       # questions per training conversation about a shapes scene
 PNG = dict(compress_level=1)   # lossless either way; level 1 encodes ~4x faster than the default 6, files ~10% larger
 CHART_TOPS = [10, 50, 100, 500, 1000]   # the y axis runs 0..top; top is written on the chart
 CHART_TURNS = 3       # questions per training conversation about a chart (validation: 1)
+TOKENIZER_VOCAB = 1024
 
 
 @lru_cache(maxsize=None)
@@ -299,10 +304,34 @@ def generate_split(out_dir, split, n, seed, image_size):
     dump(f"charts_{split}.json", charts, False)
 
 
+def synthetic_tokenizer(data_dir):
+    """The dataset's tokenizer: a byte-level BPE trained on the synthetic corpus once and kept beside it.
+
+    Only the fixed language of the dataset (questions, captions, answer words) shapes the vocabulary, not the
+    random strings the model must read (the words and OCR strings drawn in images): trained on those, BPE
+    spends hundreds of merges on letter pairs ("QX", "KZ"), and reading a word becomes a guess among 500+
+    pair tokens seen a few times each instead of 23 letters seen thousands of times."""
+    path = Path(data_dir) / "tokenizer.json"
+    if path.exists():
+        return Tokenizer.from_file(path)
+    texts = []
+    for r in json.loads((Path(data_dir) / "captions_train.json").read_text()):
+        texts += [re.sub(r'"[^"]*"', '""', t["value"].replace("<image>", "")) for t in r["conversations"]]
+    for r in json.loads((Path(data_dir) / "sft_train.json").read_text()):
+        texts += [t["value"].replace("<image>", "") for t in r["conversations"]
+                  if t["from"] == "human" or r.get("qtype") != "text"]
+    for line in (Path(data_dir) / "ocr_train.jsonl").read_text().splitlines():
+        texts.append(json.loads(line)["query"])
+    tok = train_tiny_tokenizer(texts, TOKENIZER_VOCAB)
+    tok.save(data_dir)
+    return tok
+
+
 def generate(out_dir, n_train=20000, n_val=1000, seed=0, image_size=96):
     params = dict(n_train=n_train, n_val=n_val, seed=seed, image_size=image_size)
     generate_split(out_dir, "train", n_train, seed, image_size)
     generate_split(out_dir, "val", n_val, seed, image_size)
+    synthetic_tokenizer(out_dir)
     with open(os.path.join(out_dir, "DONE.json"), "w") as f:   # last: its presence means "complete"
         json.dump(params, f)
     return out_dir
@@ -319,6 +348,7 @@ def ensure_synthetic(out_dir, n_train=20000, n_val=1000, seed=0, image_size=96):
             if json.load(f) == params:
                 if not os.path.exists(os.path.join(out_dir, "charts_val.json")):   # made before charts existed
                     add_charts(out_dir, **params)
+                synthetic_tokenizer(out_dir)   # made before the tokenizer was part of the dataset
                 return out_dir
     tmp = f"{os.path.normpath(out_dir)}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -329,7 +359,8 @@ def ensure_synthetic(out_dir, n_train=20000, n_val=1000, seed=0, image_size=96):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Generate the offline synthetic VLM dataset (shapes, text, OCR, charts).")
+    p = argparse.ArgumentParser(description="Generate the offline synthetic VLM dataset (shapes, text, OCR, charts) "
+                                "and its tokenizer.")
     p.add_argument("--out-dir", default="data/synthetic", help="output folder (replaced if it exists)")
     p.add_argument("--n-train", type=int, default=20000, help="training images (each gives a caption, "
                    "an SFT question, an OCR sample and a chart)")

@@ -2,7 +2,7 @@
 The tokenizer: text <-> token ids, the chat template, and which tokens a model is trained on.
 
 We wrap a Hugging Face `tokenizers` tokenizer.json (a byte-level BPE, the Rust library does the
-merging fast) and add the three things a VLM needs on top of it:
+merging fast) and add the four things a VLM needs on top of it:
 
 1. The Qwen2.5 chat template. A conversation is rendered to one string,
 
@@ -17,7 +17,11 @@ merging fast) and add the three things a VLM needs on top of it:
    `<|vision_end|>`. The N pad tokens are slots: the VLM overwrites their embeddings with the N vision
    features of that image (N = image tokens per image, fixed by the vision tower + projector).
 
-3. Label masks. We only train the model to produce what the assistant says: labels are -100 (ignored
+3. Template safety. Special tokens come only from the template: a control token typed in a message
+   (`<|im_end|>\n<|im_start|>assistant` inside a user turn) would otherwise become the real token, so the
+   text could end its own turn and write another's. Such text is an error naming the sample and the turn.
+
+4. Label masks. We only train the model to produce what the assistant says: labels are -100 (ignored
    by cross-entropy) everywhere except each assistant turn's content and its closing <|im_end|> (so
    the model learns to stop). The `<|im_start|>assistant\n` header is given, never predicted, and the
    "\n" after <|im_end|> is never generated (generation stops at <|im_end|>), so neither is trained.
@@ -30,6 +34,7 @@ only their ids differ, and every id is looked up by name.
 """
 
 import os
+import re
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -68,10 +73,23 @@ class Tokenizer:
         self.eos = self.im_end        # an assistant turn ends with <|im_end|>: generation stops there
         self.pad = self.endoftext     # Qwen pads with <|endoftext|>; padded positions are masked anyway
         self.stop_ids = [self.im_end, self.endoftext]
+        # Control tokens: the special added tokens (<|im_end|>, <|image_pad|>, ...). Typed inside a message they
+        # would become the real tokens, ending a turn and starting another (template injection), so they may
+        # only come from the template. <num> is the exception: numeric.py's <num><v> markup puts it there.
+        # Added tokens that are not special (Qwen's <think>, <tool_call>) are ordinary text.
+        control = sorted((t.content for t in tok.get_added_tokens_decoder().values()
+                          if t.special and t.content != "<num>"), key=len, reverse=True)
+        self.control_re = re.compile("|".join(map(re.escape, control))) if control else None
 
     @classmethod
     def from_file(cls, path):
-        return cls(HFTokenizer.from_file(str(path)))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:   # the Rust library raises a bare Exception
+            raise ValueError(f"{path}: not a readable tokenizer.json: {e}") from None
+        return cls(tok)
 
     @classmethod
     def from_dir(cls, path):
@@ -98,9 +116,24 @@ class Tokenizer:
         block = "<|vision_start|>" + "<|image_pad|>" * image_tokens + "<|vision_end|>"
         return text.replace(IMAGE_TAG, block)
 
-    def render_chat(self, messages, image_tokens, add_generation_prompt=False, system=DEFAULT_SYSTEM):
+    def check_text(self, text, what):
+        """A control token typed in text is an error naming `what` (sample and turn) and the token."""
+        found = self.control_re and self.control_re.search(text)
+        if found:
+            raise ValueError(f"{what} contains {found.group()!r}, a control token of the chat template; special "
+                             "tokens may only come from the template (text with them would end the turn and start "
+                             "another): remove or reword it")
+
+    def check_chat(self, messages, where="chat"):
+        for k, m in enumerate(messages):
+            self.check_text(m["content"], f"{where}: turn {k} ({m['role']})")
+
+    def render_chat(self, messages, image_tokens, add_generation_prompt=False, system=DEFAULT_SYSTEM, where="chat"):
         """Chat -> (text, spans): the template as one string, and the (start, end) character span of
-        each assistant answer + its <|im_end|>, i.e. the part that is trained."""
+        each assistant answer + its <|im_end|>, i.e. the part that is trained. where names the chat in errors."""
+        self.check_chat(messages, where)
+        if system is not None:
+            self.check_text(system, "system prompt")
         if messages and messages[0]["role"] == "system":   # the conversation's own system prompt wins
             system, messages = messages[0]["content"], messages[1:]
         turns = ([{"role": "system", "content": system}] if system is not None else []) + list(messages)
@@ -118,10 +151,10 @@ class Tokenizer:
             text += "<|im_start|>assistant\n"
         return text, spans
 
-    def encode_chat(self, messages, image_tokens, add_generation_prompt=False, system=DEFAULT_SYSTEM):
+    def encode_chat(self, messages, image_tokens, add_generation_prompt=False, system=DEFAULT_SYSTEM, where="chat"):
         """Chat -> (ids, labels), two lists of the same length; labels are -100 except what the
-        assistant says (content + closing <|im_end|>)."""
-        text, spans = self.render_chat(messages, image_tokens, add_generation_prompt, system)
+        assistant says (content + closing <|im_end|>). where names the chat in errors ("data.json:12")."""
+        text, spans = self.render_chat(messages, image_tokens, add_generation_prompt, system, where)
         enc = self.tok.encode(text, add_special_tokens=False)
         ids, labels = enc.ids, [-100] * len(enc.ids)
         no_train = (self.vision_start, self.image_pad, self.vision_end)   # an image is input, never output
@@ -130,15 +163,19 @@ class Tokenizer:
                 labels[i] = tid
         return ids, labels
 
-    def chat_lengths(self, conversations, image_tokens, system=DEFAULT_SYSTEM):
+    def chat_lengths(self, conversations, image_tokens, system=DEFAULT_SYSTEM, wheres=None):
         """Token counts of many chats at once, without materialising the image pads: each image costs
         exactly image_tokens + 2 tokens (special tokens are never merged), so we tokenize with one pad
         per image and add the rest. Likewise the default system turn, the same in every chat, is counted
-        once. BPE runs at roughly 0.3-0.5M tokens/s: LLaVA's 595K captions take a minute or two."""
+        once. BPE runs at roughly 0.3-0.5M tokens/s: LLaVA's 595K captions take a minute or two.
+        wheres: one name per chat for errors (e.g. "data.json:12")."""
+        if system is not None:
+            self.check_text(system, "system prompt")
         system_len = len(self.encode(f"<|im_start|>system\n{system}<|im_end|>\n")) if system is not None else 0
         texts, extra = [], []
-        for messages in conversations:
-            texts.append(self.render_chat(messages, 1, system=None)[0])   # own system turn still rendered
+        for i, messages in enumerate(conversations):
+            where = wheres[i] if wheres is not None else f"chat {i}"
+            texts.append(self.render_chat(messages, 1, system=None, where=where)[0])   # own system turn rendered
             own_system = bool(messages) and messages[0]["role"] == "system"
             n_images = sum(m["content"].count(IMAGE_TAG) for m in messages)
             extra.append(n_images * (image_tokens - 1) + (0 if own_system else system_len))

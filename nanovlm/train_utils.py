@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +109,20 @@ def resolve_dtype(device, dtype_name="auto"):
 
 
 def autocast_context(device, dtype_name="auto"):
-    """Mixed precision for the forward pass; weights and optimizer stay fp32. fp16 also needs a GradScaler."""
+    """Mixed precision for the forward pass; weights and optimizer stay fp32. fp16 also needs grad_scaler."""
     dtype = resolve_dtype(device, dtype_name)
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def grad_scaler(device, dtype_name="auto"):
+    """A loss scaler for fp16 autocast: fp16 gradients underflow to 0 below ~6e-8, so the loss is multiplied
+    up before the backward pass and the gradients divided back before the step (steps with inf/nan gradients
+    are skipped and the scale lowered). Disabled, a pass-through, for bf16 (fp32's exponent range) and fp32.
+    Use: scaler.scale(loss).backward(); scaler.unscale_(opt); clip; scaler.step(opt); scaler.update()."""
+    enabled = resolve_dtype(device, dtype_name) == torch.float16
+    return torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,6 +187,34 @@ def check_finite(loss, step):
     if not math.isfinite(value):
         raise FloatingPointError(f"loss is {value} at step {step}: lower --lr, check the data, or try --dtype fp32")
     return value
+
+
+def check_losses(losses, step, dist):
+    """The mean over processes of the step losses logged since the last check (device tensors, read here in one
+    sync instead of one per step), after checking each is finite: a NaN names the first step that had it."""
+    if not losses:
+        return float("nan")
+    values = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).float()  # (n,)
+    if dist.ddp:
+        torch_dist.all_reduce(values)
+        values /= dist.world_size
+    values = values.tolist()
+    for k, v in enumerate(values):
+        check_finite(v, step - len(values) + 1 + k)
+    return sum(values) / len(values)
+
+
+def global_counts(counts, dist):
+    """Per-micro-batch counts [{name: int}, ...] -> {name: total over the step's micro-batches and every process,
+    divided by the number of processes}. Each process divides its summed loss by these; DDP's gradient average
+    over processes then gives (sum over the global batch) / (count over the global batch)."""
+    names = list(counts[0])
+    totals = [float(sum(c[k] for c in counts)) for k in names]
+    if not dist.ddp:
+        return {k: max(v, 1.0) for k, v in zip(names, totals)}
+    totals = torch.tensor(totals, dtype=torch.float32, device=dist.device)
+    torch_dist.all_reduce(totals)   # stays on the device: the loss divides by it without a host sync
+    return dict(zip(names, (totals.clamp(min=1.0) / dist.world_size).unbind()))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -327,6 +365,7 @@ def load_checkpoint(path, model, optimizer=None, rank=0, device="cpu"):
     """
     path = checkpoint_dir(path)
     load_model(unwrap(model), str(path / "model.safetensors"), device=str(device))
+    weights.check_finite(unwrap(model).state_dict(), path / "model.safetensors")
     if optimizer is None:
         return {}
     if not (path / "train_state.pt").exists():
@@ -393,26 +432,39 @@ class MetricsLogger:
 # --------------------------------------------------------------------------------------------------------------
 # Throughput
 
-# Dense bf16 peak FLOP/s (no sparsity), from the vendors' datasheets; matched by substring of the device name.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                   "A10G": 70e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Dense bf16 peak FLOP/s (no sparsity, FP32 accumulate), from the vendors' datasheets. Matched against the device
+# name in this order, so the more specific names come first ("H100 PCIe" before "H100", "L40S" before "L40" before
+# "L4"). A name matching none of them gives no MFU rather than a wrong one.
+PEAK_BF16_FLOPS = [("H200 NVL", 835e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
+                   ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+                   ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
 
 
 def peak_flops(device):
     """Peak bf16 FLOP/s of a CUDA device, or None (CPU, unknown GPU)."""
     if not str(device).startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(torch.device(device)))
+
+
+def peak_flops_of(name):
+    """The peak for a device name (torch.cuda.get_device_name), or None when the table does not know it."""
+    for pattern, flops in PEAK_BF16_FLOPS:
+        if re.search(rf"\b{re.escape(pattern)}\b", name):
+            return flops
+    return None
 
 
 def flops_per_token(n_params, n_layers, seq_len, d_model):
-    """Training FLOPs per token: 6N for the matmuls (2 forward + 4 backward per weight) plus 12 * L * T * d for
-    attention scores and weighted sum (PaLM appendix B; full T x T counted, as in nanoGPT's estimate_mfu)."""
+    """nanoGPT's estimate of training FLOPs per token for a decoder whose every weight trains on every token:
+    6N for the matmuls (2 forward + 4 backward per weight) plus 12 * L * T * d for attention scores and weighted
+    sums at sequence length T (PaLM appendix B; the full T x T, as nanoGPT's estimate_mfu). train_gpt.py uses
+    it (fixed-length sequences); the VLM counts what runs instead (vlm_train.train_flops)."""
     return 6 * n_params + 12 * n_layers * seq_len * d_model
 
 
-def mfu(tokens_per_s, flops_per_tok, device):
-    """Model FLOPs utilisation in [0, 1], or None where no peak is known (CPU)."""
+def mfu(flops_per_s, device):
+    """Model FLOPs utilisation in [0, 1]: achieved FLOP/s (counted as in vlm_train.train_flops) over the device's
+    peak, or None where no peak is known (CPU)."""
     peak = peak_flops(device)
-    return None if peak is None else tokens_per_s * flops_per_tok / peak
+    return None if peak is None else flops_per_s / peak

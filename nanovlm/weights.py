@@ -1,8 +1,8 @@
 """Checkpoints on disk: safetensors files, sharded indexes, config.json, and the Hugging Face hub.
 
 A model file says which official key goes to which of its parameters (`hf_key_map()`: ours -> official);
-this file does the generic part, strictly: a missing, unexpected or mis-shaped tensor is an error that names
-it, never a warning (a half-loaded model still runs and silently produces garbage).
+this file does the generic part, strictly: a missing, unexpected or mis-shaped tensor, or one holding NaN/inf, is
+an error that names it, never a warning (a half-loaded model still runs and silently produces garbage).
 
     ckpt = resolve_checkpoint("Qwen/Qwen2.5-0.5B-Instruct")   # a local directory, or a hub download
     config = read_config(ckpt)
@@ -118,10 +118,22 @@ def load_mapped(module, tensors, key_map, where, ignore=(), dtype=None):
         problems.append(f"wrong shapes ({len(wrong_shape)}): {wrong_shape[:8]}")
     if problems:
         raise ValueError(f"checkpoint {where} does not fit {type(module).__name__}: " + "; ".join(problems))
+    check_finite({k: tensors[k] for k in wanted}, where)
     state = {mine: tensors[official].to(dtype or ours[mine].dtype) for mine, official in key_map.items()}
     # assign: a module built on the meta device (no memory, no init) takes the loaded tensors as its parameters.
     module.load_state_dict(state, strict=True, assign=any(p.is_meta for p in module.parameters()))
     return module
+
+
+def check_finite(tensors, where):
+    """A NaN or inf in a weight (a run saved after its loss diverged, a corrupt file) makes every output garbage
+    (VLM answers come out empty) without any error, so loading refuses it, naming the tensors."""
+    bad = [(k, int((~torch.isfinite(t)).sum()), t.numel()) for k, t in tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        names = ", ".join(f"{k} ({n} of {total})" for k, n, total in bad[:4]) + (", ..." if len(bad) > 4 else "")
+        raise ValueError(f"checkpoint {where}: {len(bad)} tensor(s) hold NaN/inf values: {names}. The weights are "
+                         "broken (saved after the loss diverged?): load an earlier checkpoint")
 
 
 def save_mapped(module, key_map, out_dir, max_shard_bytes=None):

@@ -122,16 +122,18 @@ def test_errors_name_file_and_line(tmp_path, name, text, match):
         load_dataset(write(tmp_path / name, text))
 
 
-def test_corrupt_image_named_at_getitem(tmp_path, tok):
+def test_corrupt_image_named_at_load_or_getitem(tmp_path, tok):
+    """A file that is no image is found when the data is loaded (its header is opened); one truncated past a
+    valid header only when a batch decodes it. Both errors name the sample and the file."""
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     f = write(tmp_path / "c.jsonl", '{"query": "q", "response": "r", "image_path": "bad.png"}\n')
-    ds = VLMDataset(load_dataset(f), tok, image_size=32, image_tokens=4, max_length=100)
     with pytest.raises(ValueError, match=rf"c.jsonl:1: cannot read image .*bad.png"):
-        ds[0]
+        load_dataset(f)
     png(tmp_path / "bad.png")   # now a truncated one
     data = (tmp_path / "bad.png").read_bytes()
     (tmp_path / "bad.png").write_bytes(data[:len(data) // 2])
-    with pytest.raises(ValueError, match=rf"c.jsonl:1: cannot read image"):
+    ds = VLMDataset(load_dataset(f), tok, image_size=32, image_tokens=4, max_length=100)
+    with pytest.raises(ValueError, match=rf"c.jsonl:1: cannot read image .*bad.png"):
         ds[0]
 
 
@@ -169,7 +171,8 @@ def test_long_samples_error_and_drop(tmp_path, tok, capsys):
         VLMDataset(s, tok, image_size=16, image_tokens=8, max_length=max_length, system=None)
     ds = VLMDataset(s, tok, image_size=16, image_tokens=8, max_length=max_length, drop_long=True, system=None)
     assert ds.n_dropped == 1 and len(ds) == 2 and [ds[i]["where"] for i in range(2)] == [f"{f}:1", f"{f}:3"]
-    assert f"dropped 1 of 3 samples" in capsys.readouterr().out
+    assert (f"data {f}: 2 samples (3 records), 1 dropped: longer than max_length={max_length}, first {f}:2 "
+            f"({n_long} tokens)") in capsys.readouterr().out
     assert ds[1]["pixel_values"].shape == (0, 3, 16, 16)
 
 
@@ -184,10 +187,10 @@ def test_collate_padding():
     assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0], [1, 2, 3, 4, 5], [9, 0, 0, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7, -100, -100], [-100, -100, 3, 4, 5], [9, -100, -100, -100, -100]]
     assert out["attention_mask"].tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] + [False] * 4]
-    assert out["attention_mask"].dtype == torch.bool and out["n_images"].tolist() == [1, 0, 1]
+    assert out["attention_mask"].dtype == torch.bool and "num_values" not in out
     assert torch.equal(out["pixel_values"], img) and out["where"] == ["a:1", "b:2", "c:3"]
     empty = collate(batch[1:2], pad_id=0)
-    assert empty["pixel_values"].shape == (0, 3, 8, 8) and empty["n_images"].tolist() == [0]
+    assert empty["pixel_values"].shape == (0, 3, 8, 8)
 
 
 def test_pack_rows_by_hand():
@@ -202,12 +205,13 @@ def test_pack_rows_by_hand():
                   where="b", num_values=torch.tensor([3.0])),
              dict(input_ids=torch.arange(21, 24), labels=torch.tensor([-100, 22, 23]), pixel_values=img[2:],
                   where="c", num_values=torch.tensor([4.0])),
-             dict(input_ids=torch.arange(31, 33), labels=torch.tensor([31, 32]), pixel_values=none, where="d")]
+             dict(input_ids=torch.arange(31, 33), labels=torch.tensor([31, 32]), pixel_values=none, where="d",
+                  num_values=torch.zeros(0))]
     out = pack(batch, pad_id=0, max_length=8)
     assert out["input_ids"].tolist() == [[1, 2, 3, 4, 5, 21, 22, 23], [11, 12, 13, 14, 31, 32, 0, 0]]
     assert out["labels"].tolist() == [[-100, -100, 3, 4, 5, -100, 22, 23], [-100, -100, -100, 14, 31, 32, -100, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 2, 2, 0, 0]]
-    assert out["where"] == ["a", "c", "b", "d"] and out["n_images"].tolist() == [1, 1, 1, 0]
+    assert out["where"] == ["a", "c", "b", "d"]
     assert torch.equal(out["pixel_values"], img[[0, 2, 1]]) and out["num_values"].tolist() == [1.0, 2.0, 4.0, 3.0]
     with pytest.raises(ValueError, match="a: 5 tokens do not fit a packed row of max_length=4"):
         pack(batch, pad_id=0, max_length=4)

@@ -50,8 +50,8 @@ def test_image_tokens_and_splicing():
     text = m.lm.embed_tokens(ids)
     keep = ids != IMG
     assert torch.equal(x[keep], text[keep])
-    with pytest.raises(ValueError, match="image tokens do not match images in sample.json:3"):
-        m.embed(ids, pix[:1], where="sample.json:3")
+    with pytest.raises(ValueError, match=r"image tokens do not match images: .* 1 image\(s\) x 4 tokens each = 4"):
+        m.embed(ids, pix[:1])
 
 
 def test_slot_embedding_tells_identical_cells_apart():
