@@ -14,6 +14,7 @@ import torch
 
 from nanovlm import codebook
 from nanovlm import train_utils as tu
+from nanovlm.cli import run_cli
 from nanovlm.gpt import GPT
 
 
@@ -77,4 +78,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

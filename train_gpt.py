@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from nanovlm import codebook
 from nanovlm import train_utils as tu
+from nanovlm.cli import run_cli
 from nanovlm.gpt import GPT, GPTConfig
 
 
@@ -277,4 +278,4 @@ def _check_args(args):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -226,13 +226,19 @@ def test_train_then_sample_gpt_evaluates_samples_and_exports(tmp_path, capsys):
         sample.main(["--ckpt", str(out / "last"), "--device", "cpu"])
 
 
-def test_init_from_a_checkpoint_that_is_not_a_gpt_names_it(tmp_path):
+def test_init_from_a_checkpoint_that_is_not_a_gpt_is_one_line(tmp_path):
+    """Run as a user runs it: one stderr line naming the directory and what it holds, exit code 2."""
     _tiny_data(tmp_path / "data")
-    (tmp_path / "vlm").mkdir()
-    (tmp_path / "vlm" / "config.json").write_text(json.dumps({"model_type": "vlm", "lm": {}}))
-    with pytest.raises(ValueError, match=r"vlm holds a 'vlm' checkpoint \(config.json model_type\), not a GPT"):
-        _train_gpt().main(["--data", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
-                           "--init-from", str(tmp_path / "vlm")] + TINY)
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "config.json").write_text(json.dumps({"model_type": "vlm", "lm": {}}))
+    env = {**os.environ, "NANOVLM_DEBUG": "", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--data", str(tmp_path / "data"), "--out-dir",
+                        str(tmp_path / "out"), "--init-from", str(tmp_path / "sft")] + TINY,
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0] == f"error: {tmp_path / 'sft'} holds a 'vlm' checkpoint (config.json model_type), not a GPT " \
+                       "written by train_gpt.py"
 
 
 @pytest.mark.slow
