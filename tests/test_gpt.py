@@ -49,7 +49,8 @@ def test_truncation_keeps_tail_and_padding_is_minus_100():
 def test_read_jsonl_errors_name_file_and_line(tmp_path):
     v = codebook.build_vocab(4)
     f = tmp_path / "d.jsonl"
-    f.write_text('{"tokens": "<IMG> c_1 </IMG> <CLS> <CLS_2> <EOS>"}\n{"tokens": "<IMG> c_9 </IMG> <CLS> <CLS_2> <EOS>"}\n')
+    f.write_text('{"tokens": "<IMG> c_1 </IMG> <CLS> <CLS_2> <EOS>"}\n'
+                 '{"tokens": "<IMG> c_9 </IMG> <CLS> <CLS_2> <EOS>"}\n')
     with pytest.raises(ValueError, match=r"d\.jsonl:2: unknown token 'c_9'"):
         codebook.read_jsonl(f, v)
     f.write_text('{"tokens": "<IMG> c_1 </IMG> <CLS> <CLS_2> <EOS>"}\nnot json\n')
@@ -71,10 +72,13 @@ def test_vocab_with_a_shared_id_is_refused(tmp_path):
         codebook.load_vocab(f)
 
 
+ONLY_CODES = "between <IMG> and </IMG> only image codes may appear, got"
+
+
 @pytest.mark.parametrize("line, message", [
     ("<IMG> c_1 </IMG> <CLS> c_2 <EOS>", "the token before <EOS> must be a label <CLS_k>, got 'c_2'"),
-    ("<IMG> c_1 <CLS_1> </IMG> <CLS> <CLS_2> <EOS>", "between <IMG> and </IMG> only image codes may appear, got '<CLS_1>'"),
-    ("<IMG> <CLS> c_1 </IMG> <CLS> <CLS_2> <EOS>", "between <IMG> and </IMG> only image codes may appear, got '<CLS>'"),
+    ("<IMG> c_1 <CLS_1> </IMG> <CLS> <CLS_2> <EOS>", f"{ONLY_CODES} '<CLS_1>'"),
+    ("<IMG> <CLS> c_1 </IMG> <CLS> <CLS_2> <EOS>", f"{ONLY_CODES} '<CLS>'"),
 ])
 def test_data_with_a_wrong_label_slot_is_refused(tmp_path, line, message):
     v = codebook.build_vocab(4)
