@@ -7,8 +7,8 @@ Attention goes through nanovlm.attention (the same core the VLM uses), including
     logits, loss = model(input_ids, targets)                 # (B, T, vocab); loss ignores targets == -100
     new = model.generate(prompt, max_new_tokens=3, temperature=0)                   # greedy
     new = model.generate(prompt, 20, temperature=0.8, top_k=50, top_p=0.95)        # top-k + nucleus
-    model = GPT.from_checkpoint("out/gpt/best")          # a train_gpt.py checkpoint
-    model.save_hf("out/gpt/best-hf")                     # the same network as transformers' GPT2LMHeadModel
+    model = GPT.from_checkpoint("out/gpt/last")          # a train_gpt.py checkpoint
+    model.save_hf("out/gpt/hf")                          # the same network as transformers' GPT2LMHeadModel
 """
 
 import json
@@ -122,9 +122,11 @@ class GPT(nn.Module):
     def from_checkpoint(cls, path, device="cpu", dropout=0.0):
         """Load a train_gpt.py checkpoint directory (config.json with model_type "gpt", model.safetensors)."""
         config = tu.read_config(path)
-        if config.get("model_type") != "gpt" or "gpt" not in config:
+        if config.get("model_type") != "gpt":
             raise ValueError(f"{path} holds a {config.get('model_type')!r} checkpoint (config.json model_type), "
                              "not a GPT written by train_gpt.py")
+        if not isinstance(config.get("gpt"), dict):
+            raise ValueError(f"{path}/config.json: model_type 'gpt' but no \"gpt\" section with the model's shape")
         model = cls(GPTConfig(**{**config["gpt"], "dropout": dropout}))
         tu.load_checkpoint(path, model, device=device)
         return model.to(device)
