@@ -19,6 +19,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Generate from a nanovlm checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="VLM: the weights' dtype for generation (auto: bf16 on a GPU that supports it, else fp32)")
     p.add_argument("--seed", type=int, default=1337, help="sampling seed")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -45,7 +47,7 @@ def sample_vlm(args, device):
     from nanovlm.tokenizer import IMAGE_TAG, Tokenizer
     from nanovlm.vlm import VLM
     ckpt = tu.checkpoint_dir(args.ckpt)
-    model = VLM.from_pretrained(ckpt, dtype="bfloat16" if str(device).startswith("cuda") else None).to(device)
+    model = VLM.from_pretrained(ckpt, dtype=tu.resolve_dtype(device, args.dtype)).to(device)
     tok = Tokenizer.from_dir(ckpt)
     if args.eval:
         if args.num_samples and args.temperature <= 0:

@@ -34,10 +34,9 @@ preprocessing (siglip.py); collate right-pads a batch. Samples are never truncat
 the image tokens or the answer would teach garbage, so an over-long sample is an error (or, with
 drop_long=True, dropped and counted) decided at construction, so indices never change while training; the
 construction prints one line per data file: samples, dropped, why.
-Cost of that length scan: the chats are tokenized in one Rust encode_batch call with a single pad per
-image (every image costs exactly image_tokens + 2 tokens) and the system turn counted once: 0.1-0.3 ms
-a sample, a minute or two for LLaVA's 595K captions, paid once at start-up. The real tokenization
-happens lazily in __getitem__, inside the DataLoader workers.
+The length scan is cheap: the chats are tokenized in one Rust encode_batch call with a single pad per image
+(every image costs exactly image_tokens + 2 tokens) and the system turn counted once, paid once at start-up.
+The real tokenization happens lazily in __getitem__, inside the DataLoader workers.
 
 Numbers written `<num><v>` (numeric.py) are parsed at construction, in every turn (user and assistant), so
 malformed markup is an error naming the sample before training starts. With numeric=True each becomes the
