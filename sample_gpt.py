@@ -1,10 +1,10 @@
 """Continue token sequences with, evaluate, or export a GPT checkpoint from train_gpt.py (sample.py is the VLM's).
 
-    python sample_gpt.py --ckpt out/gpt/best --tokens "<IMG> c_1 c_40 ... </IMG> <CLS>"    # continue tokens
-    python sample_gpt.py --ckpt out/gpt/best --tokens "<IMG>" --max-new-tokens 20 --temperature 0.8 --top-k 50
-    python sample_gpt.py --ckpt out/gpt/best --eval out/digits/test.jsonl                  # accuracy on a file
-    python sample_gpt.py --ckpt out/gpt/best --eval out/digits/test.jsonl --index 3        # one sample
-    python sample_gpt.py --ckpt out/gpt/best --export-hf out/gpt/best-hf   # transformers' GPT2LMHeadModel + tokenizer
+    python sample_gpt.py --ckpt out/gpt/last --tokens "<IMG> c_1 c_40 ... </IMG> <CLS>"    # continue tokens
+    python sample_gpt.py --ckpt out/gpt/last --tokens "<IMG>" --max-new-tokens 20 --temperature 0.8 --top-k 50
+    python sample_gpt.py --ckpt out/gpt/last --eval out/digits/test.jsonl                  # accuracy on a file
+    python sample_gpt.py --ckpt out/gpt/last --eval out/digits/test.jsonl --index 3        # one sample
+    python sample_gpt.py --ckpt out/old/last --export-hf out/old/hf   # for transformers (train_gpt.py writes OUT/hf)
 """
 
 import argparse
