@@ -365,6 +365,8 @@ def test_scripts_print_one_line_errors(tmp_path):
         "train_sft.py": ["--preset", "qwen2.5-0.5b-siglip", "--lm", missing, "--data", "x.json"],
         "train_pretrain.py": ["--preset", "qwen2.5-0.5b-siglip", "--lm", missing, "--data", "x.json"],
         "train_grpo.py": ["--init-from", missing],
+        "train_gpt.py": ["--init-from", missing],
+        "sample_gpt.py": ["--ckpt", missing, "--tokens", "<IMG>"],
     }
     env = {**os.environ, "NANOVLM_DEBUG": "", "PYTHONPATH": str(ROOT)}
     procs = {name: subprocess.Popen([sys.executable, str(ROOT / name), *args], cwd=tmp_path, env=env,

@@ -306,7 +306,7 @@ def test_splits_are_disjoint_and_complete():
 
 def test_micro_batches_of_unequal_length_sum_to_the_full_batch_gradient():
     """The loop divides each micro-batch's summed loss by the global target count (n_targets): two micro-batches
-    with 3 and 11 scored positions then give the gradient of the whole batch's mean, which equal-weighted
+    with 3 and 8 scored positions then give the gradient of the whole batch's mean, which equal-weighted
     micro-batch means would not."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0))
