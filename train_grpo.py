@@ -27,6 +27,7 @@ The checkpoint in --out-dir is a plain VLM checkpoint (with LoRA: the merged wei
 """
 
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -41,8 +42,8 @@ from nanovlm.cli import run_cli
 from nanovlm.data import fit_lengths, load_data, load_image
 from nanovlm.evaluate import evaluate_answers, format_report
 from nanovlm.numeric import NumericVLM
-from nanovlm.vlm_train import (build_model, build_parser, make_vlm_optimizer, resolve_args, resume, save_vlm_checkpoint,
-                               setup_trainable)
+from nanovlm.vlm_train import (build_model, build_parser, check_resume, make_vlm_optimizer, resolve_args, resume,
+                               save_vlm_checkpoint, setup_trainable)
 
 
 def parse_args(argv=None):
@@ -80,6 +81,7 @@ def parse_args(argv=None):
     unknown = [r for r in args.reward_funcs if r not in rewards.REWARD_FUNCS]
     if unknown:
         raise SystemExit(f"unknown reward function(s) {unknown}; known: {sorted(rewards.REWARD_FUNCS)}")
+    _check_grpo_args(args)
     return args
 
 
@@ -158,6 +160,7 @@ def make_rollout(model, tok, samples, idx, args, generator):
     batch["per_function"] = per_fn
     batch["advantages"] = grpo.group_advantages(batch["rewards"], G, scale=args.scale_rewards)
     batch["texts"] = texts
+    batch["where"] = [s["where"] for s in chosen]   # the prompts' names, for errors
     return batch
 
 
@@ -226,7 +229,7 @@ def update_step(model, opt, rollouts, args, step, dist, ctx):
                 stats.setdefault(k, []).append(v)
         average_gradients(params, dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        tu.check_finite(sum(stats["loss"]), step)
+        tu.check_finite(sum(stats["loss"]), step, samples=[w for b in rollouts for w in b["where"]])
         opt.step()
         opt.zero_grad(set_to_none=True)
     return stats, grad_norm
@@ -263,6 +266,8 @@ def main(argv=None):
     dist = tu.setup_distributed(args.device)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
+    if args.resume:   # before anything is built: the flags must be the run's (vlm_train.RESUME_MAY_CHANGE aside)
+        check_resume(args, dist)
     model, tok = build_model(args, dist)   # --init-from: the SFT checkpoint, its tokenizer
     if isinstance(model, NumericVLM):
         raise SystemExit(f"{args.init_from} has a numeric head; GRPO does not support it yet")
@@ -290,6 +295,7 @@ def main(argv=None):
     report = before = held_out(model, tok, val_samples, 0, args, log) if start_step == 0 else None
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                disable=not dist.is_main, desc="grpo")
+    stop = tu.StopOnCtrlC(dist, out_dir)   # Ctrl-C: finish the step, save, stop; twice: abort at once
     for step in bar:
         t0 = time.time()
         lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps, args.min_lr_ratio)
@@ -302,14 +308,18 @@ def main(argv=None):
         if dist.is_main and step % 10 == 0:
             tqdm.write(f"step {step}: reward {row['reward']:.3f}  e.g. {rollouts[0]['texts'][0]!r}")
         last = step == args.max_steps - 1 or step + 1 == args.stop_at_step
+        stopping = stop.requested()
         if (step + 1) % args.eval_every == 0 or last:
             report = held_out(model, tok, val_samples, step + 1, args, log)
-        if (step + 1) % args.save_every == 0 or last:
+        if (step + 1) % args.save_every == 0 or last or stopping:
             save_vlm_checkpoint(out_dir, model, tok, opt, step + 1, args, dist)
             log.plot(["reward"] + [f"reward_{n}" for n in args.reward_funcs] + ["val_text", "val_exact"], "reward.png",
                      title="GRPO: training reward, held-out answers")
+        if stopping:
+            raise tu.Interrupted(step + 1, out_dir)   # one line (run_cli), exit code 130
         if step + 1 == args.stop_at_step:
             break
+    stop.restore()
     log.finish()
     if before is not None:
         print(f"\nheld-out answers before GRPO ({args.val_data}):\n{format_report(before)}")
@@ -317,6 +327,23 @@ def main(argv=None):
         print(f"\nheld-out answers after GRPO:\n{format_report(report)}")
         print(f"\ncheckpoint: {out_dir}   try: python sample.py --ckpt {out_dir} --image IMAGE --prompt TEXT")
     tu.cleanup_distributed()
+
+
+def _check_grpo_args(args):
+    """GRPO's own flag values that cannot work, one line each (build_parser's are checked by resolve_args)."""
+    for key in ("max_new_tokens", "num_iterations"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least 1")
+    for key in ("beta", "eps_low", "eps_high"):
+        if not (math.isfinite(getattr(args, key)) and getattr(args, key) >= 0):
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be a finite number >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature {args.temperature}: must be > 0 (GRPO samples; greedy answers are all alike)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p}: must be in (0, 1]")
+    bad = [w for w in args.reward_weights or [] if not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"--reward-weights {bad[0]}: must be a finite number")
 
 
 if __name__ == "__main__":

@@ -116,3 +116,19 @@ def test_eval_num_samples_needs_a_temperature(tmp_path):
     with pytest.raises(SystemExit, match="--temperature > 0"):
         sample.main(["--ckpt", str(tmp_path / "ckpt"), "--eval", str(tmp_path / "val.json"), "--num-samples", "4",
                      "--device", "cpu"])
+
+
+def test_dtype_flag_loads_the_weights_in_that_dtype(tmp_path, monkeypatch):
+    """--dtype bf16 generates with bf16 weights (CPU included); auto is fp32 on a CPU."""
+    make_ckpt(tmp_path / "ckpt")
+    loaded, from_pretrained = [], VLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        model = from_pretrained(cls, *args, **kwargs)
+        loaded.append(model.lm.embed_tokens.weight.dtype)
+        return model
+    monkeypatch.setattr(VLM, "from_pretrained", classmethod(spy))
+    for flag in (["--dtype", "bf16"], []):
+        sample.main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "hi", "--max-new-tokens", "3", "--device", "cpu",
+                     *flag])
+    assert loaded == [torch.bfloat16, torch.float32]

@@ -126,7 +126,7 @@ def test_checkpoint_swap_is_atomic(tmp_path, monkeypatch):
     assert tu.read_config(path)["step"] == 1
     monkeypatch.undo()
 
-    # A crash between the two renames: the old one was moved aside and is still found.
+    # A crash between the two renames: the old one was moved aside; the new one, complete beside it, is found.
     real_rename, calls = os.rename, []
     def rename_then_crash(src, dst):
         calls.append(dst)
@@ -137,7 +137,7 @@ def test_checkpoint_swap_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         tu.save_checkpoint(path, m, {"model_type": "gpt", "step": 3})
     monkeypatch.undo()
-    assert not path.exists() and tu.read_config(path)["step"] == 1
+    assert not path.exists() and tu.read_config(path)["step"] == 3
 
     tu.save_checkpoint(path, m, {"model_type": "gpt", "step": 4})  # the next save cleans up
     assert tu.read_config(path)["step"] == 4
