@@ -265,13 +265,13 @@ def bench_qwen2_decode(args, ours, theirs, device, dtype):
     return rows
 
 
-def packed_batch(args, device):
+def packed_batch(args, device, vocab):
     """--packed-rows rows of --packed-len tokens packed (data.pack, first fit) from samples of random lengths."""
     g = torch.Generator().manual_seed(args.seed + 2)
     L, items = args.packed_len, []
     while sum(len(it["input_ids"]) for it in items) < args.packed_rows * L * 0.9:
-        n = int(torch.randint(32, L // 2, (1,), generator=g))
-        ids = torch.randint(0, 151936, (n,), generator=g)
+        n = int(torch.randint(min(32, L // 4), L // 2, (1,), generator=g))
+        ids = torch.randint(0, vocab, (n,), generator=g)
         items.append(dict(input_ids=ids, labels=ids, pixel_values=torch.zeros(0, 3, 1, 1),
                           where=f"sample {len(items)}"))
     b = pack(items, pad_id=0, max_length=L)
@@ -279,7 +279,7 @@ def packed_batch(args, device):
 
 
 def bench_qwen2_packed(args, ours, device, dtype):
-    ids, mask, packing = packed_batch(args, device)
+    ids, mask, packing = packed_batch(args, device, ours.cfg.vocab_size)
     B, T = ids.shape
     train = device.type == "cuda"   # FlexAttention has no CPU backward
     print(f"qwen2-packed: {B} rows x {T} tokens, {len(packing.cu_seqlens) - 1} runs (samples and padding), "
@@ -310,8 +310,8 @@ def bench_qwen2_packed(args, ours, device, dtype):
     return [result(f"qwen2 packed rows, {n} vs dense mask", "tokens/s", B * T, t, n, "sdpa") for n in backends[1:]]
 
 
-def bench_chunked_ce(args, device, dtype):
-    N, V, C = args.ce_tokens, 151936, 896
+def bench_chunked_ce(args, device, dtype, V=151936, C=896):
+    N = args.ce_tokens
     print(f"chunked-ce: {N} labelled tokens, vocabulary {V}, hidden {C}, forward + backward")
     g = torch.Generator().manual_seed(args.seed + 3)
     h = torch.randn(N, C, generator=g).to(device, dtype).requires_grad_()

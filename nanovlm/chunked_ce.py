@@ -24,7 +24,10 @@ over chunks in fp32.
 
 import torch
 
-CHUNK_LOGITS = 2 ** 25   # logits per chunk (128 MiB in fp32): 220 rows at V = 151,936; a small vocabulary: one chunk
+# Logits per chunk: 1 GiB in fp32, 1,766 rows at V = 151,936 (a small vocabulary: one chunk). Each chunk adds its
+# share into the (V, C) weight gradient, a pass over V x C numbers: with fewer rows a chunk, that pass would cost
+# more than the chunk's products do on a GPU.
+CHUNK_LOGITS = 2 ** 28
 
 
 def linear_cross_entropy(h, weight, targets, chunk_rows=None):
@@ -61,7 +64,7 @@ def loss_and_gradients(h, weight, targets, chunk_rows, dtype, need_h, need_w):
                 if need_w and d.dtype == dw.dtype:
                     dw.addmm_(d.T, hc)                                                   # in place: no (V, C) temporary
                 elif need_w:
-                    dw += (d.T @ hc).float()
+                    dw += d.T @ hc                      # a bf16 (V, C) product, added into the fp32 sum in place
                 del d
             del logits   # now, not when the next chunk's are assigned: one chunk alive at a time
     return loss, dh, dw
