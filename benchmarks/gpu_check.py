@@ -406,7 +406,7 @@ def summary_rows(results, attention):
                 less_is_better = x["unit"] == "peak MiB"
                 ratio = x["other"] / x["nanovlm"] if less_is_better else x["nanovlm"] / x["other"]
                 rows.append(("fast", x["what"], f"{x['nanovlm']:,.1f} vs {x['other']:,.1f} {x['unit']} "
-                             f"({ratio:.2f}x{' less' if less_is_better else ''})"))
+                             f"({'other / nanovlm' if less_is_better else 'nanovlm / other'}: {ratio:.2f}x)"))
         elif name == "pytest":
             rows.append(("pytest -m gpu", r["result"], r.get("last_line", "")))
         if "seconds" in r:

@@ -18,8 +18,8 @@ only scales the two gradients by the incoming one. No more than one chunk of log
 costs the same three products as the plain loss (forward, and the two gradients).
 
 Precision follows the plain head: the logits are computed in the compute dtype (the autocast dtype under
-torch.autocast, else the weights'), the softmax and the loss in fp32, and the weight's gradient is summed
-over chunks in fp32.
+torch.autocast, else the weights'), the softmax and the loss in fp32, and the weight's gradient is summed over
+chunks in fp32.
 """
 
 import torch
@@ -47,7 +47,9 @@ def loss_and_gradients(h, weight, targets, chunk_rows, dtype, need_h, need_w):
     N = h.shape[0]
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     dh = torch.empty_like(h) if need_h else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    # The weight's gradient is summed over chunks in fp32; a single chunk needs no sum: the weight's dtype, as plain.
+    dw_dtype = weight.dtype if N <= chunk_rows else torch.float32
+    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if need_w else None
     w = weight.to(dtype)
     with torch.autocast(h.device.type, enabled=False):   # explicit casts instead (the same products autocast makes)
         for a in range(0, N, chunk_rows):
