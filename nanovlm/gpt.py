@@ -184,7 +184,7 @@ class GPT(nn.Module):
         Returns the new tokens (B, max_new_tokens); after a row emits eos_id it repeats eos_id.
         """
         B, T = idx.shape
-        if T + max_new_tokens > self.config.block_size:
+        if T + max_new_tokens - 1 > self.config.block_size:   # the last new token is never fed back in
             raise ValueError(f"{T} prompt + {max_new_tokens} new tokens exceed block_size {self.config.block_size}")
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.long, device=idx.device)
