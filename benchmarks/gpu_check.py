@@ -21,6 +21,12 @@ Sections, each timed; once --budget-s is spent, the sections left are skipped wi
   decode     greedy decoding with a KV cache, new tokens/s at batch 1 and 8 (prefill included), bf16 weights:
              nanovlm's VLM.generate (what sample.py and GRPO run), nanovlm's bare Qwen2 + KVCache loop
              (benchmarks/bench_models.py), and transformers' generate on the same checkpoint, in the same run
+  fast       issue 24's paths on this device (benchmarks/bench_models.py and bench_rollout.py): the LM on packed
+             rows with each packed-attention backend (flash varlen, flex) against the dense block-diagonal mask,
+             forward + backward; the chunked cross-entropy's peak memory and time against the plain one at 8,192
+             labelled tokens; GRPO-shaped rollouts of the tiny preset (64 prompts x 8 samples, 24 tokens):
+             VLM.generate eager and with the compiled decode step (CUDA graphs), against commit e8488d6's
+             generate (when the git history is there) and transformers' (LM only)
   pytest     (--pytest) python -m pytest -m gpu -q, its last line and exit code
 
 The summary table is printed last; --out writes every number as JSON, after each section (a run cut short keeps
@@ -90,8 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="a tokenizer.json (or .json.gz) with Qwen's special tokens to put beside the "
                    "LM, e.g. ../shared/qwen-tokenizer/tokenizer.json.gz (none: the synthetic dataset's)")
     p.add_argument("--pytest", action="store_true", help="also run python -m pytest -m gpu -q")
-    p.add_argument("--only", nargs="+", choices=["env", "build", "sft", "decode", "pytest"],
-                   help="run these sections only (sft and decode need build)")
+    p.add_argument("--only", nargs="+", choices=["env", "build", "sft", "decode", "fast", "pytest"],
+                   help="run these sections only (sft, decode and fast need build)")
     p.add_argument("--work-dir", help="build checkpoints and data here and keep them (none: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -326,6 +332,30 @@ def section_decode(ctx):
             "timing": f"median of {d['repeats']} after {d['warmup']} warm-up, sides alternating", **rows}
 
 
+def section_fast(ctx):
+    import bench_models
+    import bench_rollout
+
+    from nanovlm.qwen2 import Qwen2
+    small, device, dtype = ctx["shape_name"] == "small", ctx["device"], ctx["dtype"]
+    args = argparse.Namespace(seed=ctx["seed"], warmup=1, repeats=1 if small else 3, packed_rows=2 if small else 8,
+                              packed_len=128 if small else 2048, ce_tokens=64 if small else 8192)
+    lm = Qwen2.from_pretrained(ctx["work"] / "qwen", dtype=dtype).to(device)
+    rows = bench_models.bench_qwen2_packed(args, lm, device, dtype)
+    del lm
+    rows += bench_models.bench_chunked_ce(args, device, dtype)
+    history = subprocess.run(["git", "cat-file", "-e", f"{bench_rollout.BASELINE}^{{commit}}"], cwd=ROOT,
+                             capture_output=True).returncode == 0
+    argv = ["--device", str(device), "--repeats", str(args.repeats)] + ([] if history else ["--skip", "e8488d6"])
+    argv += ["--prompts", "2", "--samples", "2", "--new-tokens", "3"] if small else []
+    argv += ["--compile"] if device.type == "cuda" else []   # compiling on a CPU takes minutes
+    rows += [(label, "new tokens/s", tokens_a, tokens_b, cpu, "") for label, tokens_a, tokens_b, _, cpu
+             in bench_rollout.main(argv)]
+    return {"rows": [{"what": f"{r[0]}" + (f" (vs {r[5]})" if r[5] else ""), "unit": r[1], "nanovlm": r[2],
+                      "other": r[3]} for r in rows],
+            "rollout_baseline": "commit e8488d6" if history else "skipped: no git history of e8488d6 here"}
+
+
 def section_pytest(ctx):
     left = max(30, int(ctx["budget_s"] - (time.perf_counter() - ctx["t_start"])))
     try:
@@ -371,6 +401,12 @@ def summary_rows(results, attention):
                         ratio = "" if side.startswith("transformers") else f" ({x / theirs:.2f}x transformers)"
                         rows.append((f"decode {batch}", side, f"{x:,.1f} new tokens/s{ratio}"))
                     rows.append((f"decode {batch}", "greedy tokens equal", v["greedy_tokens_equal"]))
+        elif name == "fast":
+            for x in r["rows"]:
+                less_is_better = x["unit"] == "peak MiB"
+                ratio = x["other"] / x["nanovlm"] if less_is_better else x["nanovlm"] / x["other"]
+                rows.append(("fast", x["what"], f"{x['nanovlm']:,.1f} vs {x['other']:,.1f} {x['unit']} "
+                             f"({'other / nanovlm' if less_is_better else 'nanovlm / other'}: {ratio:.2f}x)"))
         elif name == "pytest":
             rows.append(("pytest -m gpu", r["result"], r.get("last_line", "")))
         if "seconds" in r:
@@ -398,8 +434,8 @@ def main(argv=None):
                tokenizer=args.tokenizer, sft_steps=args.sft_steps, sft_args=args.sft_args, budget_s=args.budget_s,
                t_start=time.perf_counter(), attention={})
     sections = [("env", section_env), ("build", section_build), ("sft", section_sft), ("decode", section_decode),
-                ("pytest", section_pytest)]
-    wanted = args.only or ["env", "build", "sft", "decode"] + ["pytest"] * args.pytest
+                ("fast", section_fast), ("pytest", section_pytest)]
+    wanted = args.only or ["env", "build", "sft", "decode", "fast"] + ["pytest"] * args.pytest
     sections = [(name, run) for name, run in sections if name in wanted]
     results, failed = {}, False
     with contextlib.ExitStack() as stack:
@@ -413,7 +449,7 @@ def main(argv=None):
             if spent > args.budget_s:
                 results[name] = {"skipped": f"--budget-s {args.budget_s:.0f} spent ({spent:.0f} s)"}
                 print(f"\n== {name}: skipped, the budget of {args.budget_s:.0f} s is spent ({spent:.0f} s)", flush=True)
-            elif name in ("sft", "decode") and "tok" not in ctx:
+            elif name in ("sft", "decode", "fast") and "tok" not in ctx:
                 results[name] = {"skipped": "no checkpoints (build did not finish)"}
             else:
                 print(f"\n== {name}", flush=True)

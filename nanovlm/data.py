@@ -53,6 +53,7 @@ import re
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from nanovlm.attention import Packing
 from nanovlm.numeric import parse_numbers, split_numbers
 from nanovlm.siglip import IMAGE_MODES, preprocess_image
 from nanovlm.tokenizer import DEFAULT_SYSTEM, IMAGE_TAG
@@ -408,8 +409,10 @@ def pack(batch, pad_id, max_length):
 
 def _fill_rows(batch, rows, pad_id):
     """rows: lists of sample indices, each row's samples laid one after another. attention_mask (B, T) long
-    numbers them 1, 2, ... in their row, 0 = padding. Images and <num> values follow the reading order (row by
-    row, left to right), the order in which the VLM fills image-pad slots and <num> tokens."""
+    numbers them 1, 2, ... in their row, 0 = padding; packing (attention.Packing) says the same in the form
+    attention uses (positions within each sample, cu_seqlens), computed here so no layer derives it. Images and
+    <num> values follow the reading order (row by row, left to right), the order in which the VLM fills
+    image-pad slots and <num> tokens."""
     lengths = [sum(len(batch[i]["input_ids"]) for i in row) for row in rows]
     B, T = len(rows), max(lengths)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -424,7 +427,8 @@ def _fill_rows(batch, rows, pad_id):
             t += n
     read = [batch[i] for row in rows for i in row]
     out = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-               pixel_values=torch.cat([b["pixel_values"] for b in read]))   # (sum n_img, 3, H, W), maybe (0, 3, H, W)
+               pixel_values=torch.cat([b["pixel_values"] for b in read]),   # (sum n_img, 3, H, W), maybe (0, 3, H, W)
+               packing=Packing.from_mask(attention_mask))   # positions and cu_seqlens, here on the CPU, once
     if "num_values" in batch[0]:   # the numeric head's values, one per <num> token in reading order
         out["num_values"] = torch.cat([b["num_values"] for b in read])      # (sum n_num,)
     out["where"] = [b["where"] for b in read]   # the samples' names, for errors; not a model input

@@ -159,11 +159,11 @@ class GPT(nn.Module):
         divided by n_targets (default: their count here, the mean)."""
         B, T = idx.shape
         if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)[None]                              # (1, T)
-        else:
-            pos = cache.lengths[:, None] + torch.arange(T, device=idx.device)[None]     # (B, T)
-        if int(pos.max()) >= self.config.block_size:
-            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size {self.config.block_size}")
+        else:   # generate checks the length up front: no per-token read of the positions
+            pos = cache.begin(T)                                                        # (B, T)
         x = self.drop(self.wte(idx) + self.wpe(pos))                                    # (B, T, C)
         for i, block in enumerate(self.h):
             x = block(x, cache, i)
@@ -184,6 +184,8 @@ class GPT(nn.Module):
         Returns the new tokens (B, max_new_tokens); after a row emits eos_id it repeats eos_id.
         """
         B, T = idx.shape
+        if T + max_new_tokens - 1 > self.config.block_size:   # the last new token is never fed back in
+            raise ValueError(f"{T} prompt + {max_new_tokens} new tokens exceed block_size {self.config.block_size}")
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.long, device=idx.device)
         c = self.config
