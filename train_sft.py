@@ -53,11 +53,8 @@ def train(args):
     if args.fsdp:   # shards in place: raw is the sharded model too
         param_dtype = tu.resolve_dtype(dist.device, args.dtype)
         model = fsdp.shard(model, blocks, None if param_dtype == torch.float32 else param_dtype)
-    elif dist.ddp:
-        # A micro-batch of text-only samples leaves the vision tower and projector out of the graph; DDP must
-        # then be told to look for unused parameters, or it waits for their gradients forever.
-        text_only = any(not s["images"] for s in train_set.samples)
-        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=text_only)
+    elif dist.ddp:   # every trained parameter takes part in every step (a text-only batch: VLM.embed's blank image)
+        model = torch.nn.parallel.DistributedDataParallel(model)
     opt = vt.make_vlm_optimizer(raw, args)   # after sharding: FSDP's parameters are the shards
 
     # ---- resume: weights, optimizer, step and RNG from --out-dir ---------------------------------------------

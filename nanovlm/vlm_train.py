@@ -322,6 +322,8 @@ def train_flops(model, batch):
         total += 2 * 2 * pairs * width * (1 + 2 * grad)
 
     n_images = batch["pixel_values"].shape[0]
+    if n_images == 0 and model.vision_side_trains():
+        n_images = 1   # VLM.embed runs a blank image through a training vision side (its features count 0 times)
     if n_images:
         patches = (cfg.image_size // cfg.vision.patch_size) ** 2
         conv = vit.embeddings.patch_embedding
