@@ -139,11 +139,13 @@ def main(argv=None, stage="sft", doc=__doc__):
                         help="after training, answer this many validation questions and print accuracy (0: skip)")
     args = parser.parse_args(argv)
     model, tok, args, dist = train(args)
-    if args.eval_answers and args.val_data and dist.is_main:   # one process answers; the others wait
+    if args.eval_answers and args.val_data:   # every process answers its share; one prints
         report = evaluate_answers(model, tok, load_data(args.val_data, args.image_root), limit=args.eval_answers,
-                                  show=5)
-        print(f"\nheld-out answers ({args.val_data}):\n{format_report(report)}")
-        print(f"\ncheckpoint: {args.out_dir}   try: python sample.py --ckpt {args.out_dir} --image IMAGE --prompt TEXT")
+                                  show=5 if dist.is_main else 0, dist=dist)
+        if dist.is_main:
+            print(f"\nheld-out answers ({args.val_data}):\n{format_report(report)}")
+            print(f"\ncheckpoint: {args.out_dir}   try: python sample.py --ckpt {args.out_dir} --image IMAGE "
+                  "--prompt TEXT")
     tu.cleanup_distributed()
 
 

@@ -239,10 +239,15 @@ def test_fsdp_equals_one_process_and_resumes_exactly(tmp_path, data_dir):
     exports them as a plain model.safetensors, and --resume from its sharded state continues exactly."""
     from nanovlm.vlm import VLM
     common = ["train_sft.py", "--data-dir", data_dir, *FAST, "--optimizer", "adamw", "--eval-answers", "0"]
-    run(common + ["--max-steps", "3", "--grad-accum", "4", "--out-dir", str(tmp_path / "one")])
-    run(common + ["--max-steps", "3", "--grad-accum", "2", "--fsdp", "--out-dir", str(tmp_path / "fsdp")], nproc=2)
+    one = run(common + ["--max-steps", "3", "--grad-accum", "4", "--eval-answers", "7", "--out-dir",
+                        str(tmp_path / "one")])
+    sharded = run(common + ["--max-steps", "3", "--grad-accum", "2", "--fsdp", "--eval-answers", "7", "--out-dir",
+                            str(tmp_path / "fsdp")], nproc=2)
     assert (tmp_path / "fsdp" / "train_state.dcp").is_dir()
     assert frac_apart(weights(tmp_path / "one"), weights(tmp_path / "fsdp")) == 0
+    # the held-out answers, given by both processes of the sharded model (4 + 3 questions), add up to one's
+    report = lambda out: out[out.index("question type"):out.index("checkpoint:")]
+    assert sharded.count("question type") == 1 and report(sharded) == report(one)
     VLM.from_pretrained(tmp_path / "fsdp")   # the export is an ordinary checkpoint
     resumed = ["--max-steps", "3", "--grad-accum", "2", "--fsdp", "--out-dir", str(tmp_path / "resumed")]
     run(common + resumed + ["--stop-at-step", "2"], nproc=2)
