@@ -19,16 +19,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_config
 from nanovlm import rewards
 from nanovlm import train_utils as tu
 from nanovlm import vlm_train as vt
 from nanovlm.cli import run_cli
 from nanovlm.data import VLMDataset, fit_lengths, load_data, load_dataset, load_image, parse_data_spec
-from nanovlm.projector import ProjectorConfig
 from nanovlm.qwen2 import Qwen2, Qwen2Config
-from nanovlm.siglip import SiglipConfig, preprocess_image
+from nanovlm.siglip import preprocess_image
 from nanovlm.tokenizer import Tokenizer, train_tiny_tokenizer
-from nanovlm.vlm import VLM, VLMConfig
+from nanovlm.vlm import VLM
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared beside the checkout (a worktree sits one level deeper); absent in a plain clone: the test skips
@@ -266,12 +266,10 @@ def poison(file, key):
 
 
 def tiny_vlm():
-    cfg = VLMConfig(lm=Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2),
-                    vision=SiglipConfig(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2),
-                    projector=ProjectorConfig(shuffle_factor=1), image_token_id=63, stop_token_ids=(62,),
-                    pad_token_id=61)
+    cfg = tiny_config(lm=dict(vocab_size=64, num_hidden_layers=1),
+                      vision=dict(image_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2),
+                      projector=dict(shuffle_factor=1), image_token_id=63, stop_token_ids=(62,), pad_token_id=61)
     return VLM(cfg)
 
 

@@ -8,11 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_config
 from nanovlm.data import VLMDataset, collate, load_dataset
 from nanovlm.numeric import NumericConfig, NumericVLM, format_numbers, format_value, parse_numbers, strip_numbers, symexp, symlog
-from nanovlm.qwen2 import Qwen2Config
-from nanovlm.siglip import SiglipConfig
-from nanovlm.projector import ProjectorConfig
 from nanovlm.vlm import VLM, VLMConfig
 
 IMG, NUM, STOP = 5, 7, 3
@@ -72,12 +70,8 @@ def test_symlog_inverse():
 
 def tiny_vlm(seed=0, alpha=1.0, transform="symlog", tie=True):
     torch.manual_seed(seed)
-    cfg = VLMConfig(lm=Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie),
-                    vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
-                                        num_hidden_layers=2, num_attention_heads=4),
-                    projector=ProjectorConfig(shuffle_factor=2), image_token_id=IMG, stop_token_ids=(STOP,),
-                    pad_token_id=0, numeric=NumericConfig(NUM, hidden=16, transform=transform, loss_weight=alpha))
+    cfg = tiny_config(lm=dict(vocab_size=32, tie_word_embeddings=tie), image_token_id=IMG, stop_token_ids=(STOP,),
+                      numeric=NumericConfig(NUM, hidden=16, transform=transform, loss_weight=alpha))
     return NumericVLM(cfg).eval()
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, randomize
+from conftest import ROOT, randomize, tiny_config
 
 FAST = ["--n-synthetic", "40", "--batch-size", "2", "--eval-every", "1000", "--save-every", "1000",
         "--warmup-steps", "1", "--device", "cpu"]
@@ -258,15 +258,8 @@ def test_fsdp_equals_one_process_and_resumes_exactly(tmp_path, data_dir):
 def test_gradient_checkpointing_gives_the_same_gradients():
     """Recomputing each block's activations in the backward pass changes memory, not the gradients."""
     from nanovlm import train_utils as tu
-    from nanovlm.projector import ProjectorConfig
-    from nanovlm.qwen2 import Qwen2Config
-    from nanovlm.siglip import SiglipConfig
-    from nanovlm.vlm import VLM, VLMConfig
-    cfg = VLMConfig(lm=Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2),
-                    vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
-                                        num_hidden_layers=2, num_attention_heads=4),
-                    projector=ProjectorConfig(shuffle_factor=2), image_token_id=5)
+    from nanovlm.vlm import VLM
+    cfg = tiny_config()
 
     def grads(checkpointed):
         torch.manual_seed(0)
