@@ -205,7 +205,7 @@ def main(argv=None):
         done = step + 1
         if done % args.log_every == 0 or done == args.max_steps:
             tok_s = tokens_since / (time.time() - t_log)
-            util = tu.mfu(tok_s, fpt, device)
+            util = tu.mfu(tok_s * fpt, device)
             logger.log(done, loss=loss_acc, lr=lr, grad_norm=float(gnorm), tok_per_s=tok_s,
                        **({"mfu": util} if util is not None else {}))
             bar.set_postfix(loss=f"{loss_acc:.3f}", lr=f"{lr:.1e}")

@@ -59,7 +59,6 @@ def train(args):
     ctx = tu.autocast_context(dist.device, args.dtype)
     scaler = tu.grad_scaler(dist.device, args.dtype)   # fp16 only: bf16 and fp32 need no loss scaling
     log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
-    flops_per_token = vt.flops_per_token(raw, args)
     if dist.is_main:
         n_params = sum(p.numel() for p in raw.parameters())
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
@@ -71,7 +70,7 @@ def train(args):
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                disable=not dist.is_main, desc=args.stage)
     model.train()
-    t0, tokens, losses = time.time(), 0, []
+    t0, tokens, flops, losses = time.time(), 0, 0, []
     for step in bar:
         lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps, args.min_lr_ratio)
         micro_batches = [next(loader) for _ in range(args.grad_accum)]
@@ -81,7 +80,8 @@ def train(args):
         norm = tu.global_counts([raw.loss_counts(b) for b in micro_batches], dist)
         loss, parts = 0.0, {}
         for micro, b in enumerate(micro_batches):
-            tokens += int((b["attention_mask"] > 0).sum())   # a CPU tensor: no device sync
+            tokens += int((b["attention_mask"] > 0).sum())   # counted on the CPU tensors: no device sync
+            flops += vt.train_flops(raw, b)
             with tu.sync_context(model, micro == args.grad_accum - 1), ctx:
                 out = model(**vt.to_device(b, dist.device), **norm)
             scaler.scale(out["loss"]).backward()
@@ -101,11 +101,11 @@ def train(args):
             loss = tu.check_losses(losses, step, dist)   # this process's losses since the last log, mean over processes
             dt = time.time() - t0
             tok_s = tokens * dist.world_size / max(dt, 1e-9)
-            mfu = tu.mfu(tok_s / dist.world_size, flops_per_token, dist.device)
+            mfu = tu.mfu(flops / max(dt, 1e-9), dist.device)   # this process's FLOP/s over its device's peak
             log.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
                     **({"mfu": mfu} if mfu is not None else {}), **{k: float(v) for k, v in parts.items()})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
-            t0, tokens, losses = time.time(), 0, []
+            t0, tokens, flops, losses = time.time(), 0, 0, []
         if val_set is not None and ((step + 1) % args.eval_every == 0 or last):
             val = vt.evaluate_loss(model, val_set, args, dist, tok.endoftext, ctx)
             log.log(step, val_loss=val)

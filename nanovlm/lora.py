@@ -11,8 +11,9 @@ GRPO the reference model comes for free, because it is the same network with the
 
 Initialisation (as in the paper and PEFT): A random (kaiming-uniform, like nn.Linear), B zero. So at step 0
 the adapted model computes exactly what the base model computes, and the first gradient still flows (into B,
-through the random A). alpha / rank scales the update so that changing the rank does not change how big a
-step of the optimizer is in function space; alpha = 2 * rank is a common choice.
+through the random A). The update is scaled by alpha / rank; alpha = 2 * rank is a common choice, which makes
+the scale 2 at every rank. Neither keeps a step's effect constant across ranks under Adam (lesson 13 measures
+it: alpha proportional to sqrt(rank), as in rsLoRA, comes closest), so retune the learning rate with the rank.
 
 Which layers: --lora-targets takes module-name patterns. The first part names a part of the VLM (lm, vision,
 projector); the rest, if any, must appear as consecutive components of the module's name:

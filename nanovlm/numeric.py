@@ -227,6 +227,11 @@ class Numeric(nn.Module):
         return se / (max(pred.numel(), 1) if denominator is None else denominator)
 
 
+def numeric_loss(token_ce, numeric_mse, alpha):
+    """total = token_ce + alpha * numeric_mse (both parts are logged separately by the trainer)."""
+    return token_ce + alpha * numeric_mse
+
+
 # -----------------------------------------------------------------------------
 # the VLM with the head
 
@@ -287,7 +292,7 @@ class NumericVLM(VLM):
         mse = self.numeric.loss(h[:, :-1][trained[:, 1:]], values[trained[is_num]],   # (N_num, C), (N_num,)
                                 n.clamp(min=1) if n_numbers is None else n_numbers)
         out.update(token_ce=out["loss"], numeric_mse=mse, n_numbers=n,
-                   loss=out["loss"] + self.cfg.numeric.loss_weight * mse)
+                   loss=numeric_loss(out["loss"], mse, self.cfg.numeric.loss_weight))
         return out
 
     def loss_counts(self, batch):

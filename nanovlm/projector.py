@@ -7,11 +7,10 @@ then learns to map those vectors to something the LM reads like its own token em
 
 Slot embeddings (optional, `--slot-embedding`): a learned vector per output token, added after the MLP, so
 each image token says which place of the image it comes from. The ViT does add positions, but a from-scratch
-ViT's patch content outweighs them (a tiny model's occupied cells: <1% of a token's variance is its place), so
-"Where is the red circle?" has nothing to read back from the token that holds the circle. The LM's rotary
-positions do not fill the gap: they shape where attention looks, not what it brings back (values carry no
-position). On the tiny default they lift "Where is ...?" from ~30% to ~54% but cost colour and shape questions,
-so they are off by default (README, "The embedded default").
+ViT's patch content can outweigh them, so "Where is the red circle?" may have little to read back from the token
+that holds the circle. The LM's rotary positions shape where attention looks but put no position into the values
+it brings back (the LM can still learn to compute positions itself). Off by default: on the tiny default they
+helped position questions but cost colour and shape (docs/experiments.md).
 """
 
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ class Projector(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, cfg.lm_hidden)
         # std 0.2: on the scale of the MLP's output once trained (~0.1-0.3 a channel), so the LM sees the place
-        # from the start. At 0.02 (the token embeddings' scale) the tiny model never picked it up (README).
+        # from the start; at 0.02 (the token embeddings' scale) the tiny model did not pick it up (docs/experiments.md).
         self.slot_embed = nn.Parameter(0.2 * torch.randn(cfg.n_slots, cfg.lm_hidden)) if cfg.slot_embedding else None
 
     def forward(self, x):

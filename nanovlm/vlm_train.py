@@ -240,17 +240,72 @@ def make_vlm_optimizer(model, args):
     return tu.make_optimizer(groups, weight_decay=args.weight_decay, muon_params=matrices)
 
 
-def flops_per_token(model, args):
-    """Training FLOPs per LM token, for MFU: every weight costs 2 in the forward pass; a trained weight 4 more in
-    the backward pass (input and weight gradients); a frozen LM or projector still passes gradients back (2)
-    when anything before it trains. (A per-token approximation: the vision tower's work per image is spread
-    over tokens.)"""
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_lm_proj = sum(p.numel() for part in (model.lm, model.projector) for p in part.parameters() if not p.requires_grad)
-    n_frozen_vision = sum(p.numel() for p in model.vision.parameters() if not p.requires_grad)
-    upstream_trains = any(p.requires_grad for part in (model.vision, model.projector) for p in part.parameters())
-    return (tu.flops_per_token(n_train, model.cfg.lm.num_hidden_layers, args.max_length, model.cfg.lm.hidden_size)
-            + (4 if upstream_trains else 2) * n_lm_proj + 2 * n_frozen_vision)
+def train_flops(model, batch):
+    """FLOPs of one forward and backward pass of `model` over a collated (CPU) batch, counting what runs, for MFU.
+
+    Matrix products cost 2 FLOPs per multiply-add. Each weight's forward runs over the tokens it sees: the ViT
+    over the patches of the batch's images, the projector over their image tokens, the LM over the real (not
+    padding) tokens, the output head only over the labelled positions. Attention scores and weighted sums are
+    counted per sample: L (L + 1) / 2 query-key pairs for a causal sample of L tokens, P^2 for an image of P
+    patches. The backward pass costs 2x a layer's forward for the input gradient when anything before the layer
+    trains (a gradient must pass through it), plus 2x for the weight gradient when its weight trains. Norms,
+    activations, biases and embedding lookups are left out: a few percent at most."""
+    cfg, lm, vit = model.cfg, model.lm, model.vision
+    total, grad = 0, False      # grad: does a gradient have to flow back into the current layer's input?
+
+    def linear(module, n):      # an nn.Linear (or LoRA-wrapped one) applied to n tokens
+        nonlocal total, grad
+        if isinstance(module, lora.LoRALinear):   # the frozen base, then the two thin adapter products
+            linear(module.base, n)
+            r, (out_f, in_f) = module.lora_A.shape[0], module.base.weight.shape
+            total, grad = total + 3 * 2 * r * (in_f + out_f) * n, True
+            return
+        trains = module.weight.requires_grad
+        total += 2 * module.weight.numel() * n * (1 + grad + trains)
+        grad = grad or trains
+
+    def attention(pairs, width):   # QK^T and the weighted sum of V: 2 products of `width` channels per pair
+        nonlocal total
+        total += 2 * 2 * pairs * width * (1 + 2 * grad)
+
+    n_images = batch["pixel_values"].shape[0]
+    if n_images:
+        patches = (cfg.image_size // cfg.vision.patch_size) ** 2
+        conv = vit.embeddings.patch_embedding
+        trains = conv.weight.requires_grad
+        total += 2 * conv.weight.numel() * n_images * patches * (1 + trains)
+        grad = trains
+        for layer in vit.layers:
+            a = layer.self_attn
+            for m in (a.q_proj, a.k_proj, a.v_proj):
+                linear(m, n_images * patches)
+            attention(n_images * patches ** 2, cfg.vision.hidden_size)
+            for m in (a.out_proj, layer.fc1, layer.fc2):
+                linear(m, n_images * patches)
+        linear(model.projector.fc1, n_images * cfg.image_tokens)
+        linear(model.projector.fc2, n_images * cfg.image_tokens)
+    grad = grad or lm.embed_tokens.weight.requires_grad
+    lengths = sample_lengths(batch["attention_mask"])
+    n_real, pairs = sum(lengths), sum(L * (L + 1) // 2 for L in lengths)
+    for layer in lm.layers:
+        a, m = layer.attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj):
+            linear(lin, n_real)
+        attention(pairs, lm.cfg.num_attention_heads * lm.cfg.head_dim)
+        for lin in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            linear(lin, n_real)
+    n_labelled = int((batch["labels"][:, 1:] != -100).sum())
+    linear(lm.lm_head if lm.lm_head is not None else lm.embed_tokens, n_labelled)   # tied: the embedding matrix
+    return total
+
+
+def sample_lengths(attention_mask):
+    """Token counts of the samples in a batch: one per row (0/1 mask) or several per packed row (1, 2, ...)."""
+    lengths = []
+    for row in attention_mask.long():
+        ids, counts = torch.unique_consecutive(row, return_counts=True)
+        lengths += [int(c) for i, c in zip(ids.tolist(), counts.tolist()) if i > 0]
+    return lengths
 
 
 def save_vlm_checkpoint(out_dir, model, tok, opt, step, args, dist):

@@ -157,4 +157,58 @@ def test_metrics_logger_jsonl_plot_and_resume(tmp_path):
 
 def test_throughput_formulas():
     assert tu.flops_per_token(1000, 2, 8, 4) == 6 * 1000 + 12 * 2 * 8 * 4
-    assert tu.mfu(1e6, 1e6, "cpu") is None and tu.peak_flops("cpu") is None
+    assert tu.mfu(1e12, "cpu") is None and tu.peak_flops("cpu") is None
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12), ("NVIDIA GeForce RTX 4090", 165e12),
+    ("NVIDIA A10G", None), ("Tesla T4", None)])
+def test_peak_table_matches_the_right_device(name, peak):
+    """The most specific name wins ("L40" is not an "L4", "H100 PCIe" not an SXM H100); unknown: no MFU."""
+    assert tu.peak_flops_of(name) == peak
+
+
+def test_train_flops_by_hand():
+    """vlm_train.train_flops against a hand count on a tiny VLM: one packed row of two samples (3 and 5 tokens),
+    one 8x8 image of 4 patches (1 image token after the 2x2 shuffle), 2 labelled positions."""
+    from nanovlm.projector import ProjectorConfig
+    from nanovlm.qwen2 import Qwen2Config
+    from nanovlm.siglip import SiglipConfig
+    from nanovlm.vlm import VLM, VLMConfig
+    from nanovlm.vlm_train import train_flops
+    cfg = VLMConfig(lm=Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),
+                    vision=SiglipConfig(image_size=8, patch_size=4, hidden_size=8, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2),
+                    projector=ProjectorConfig(shuffle_factor=2), image_token_id=5)
+    model = VLM(cfg)
+    labels = torch.full((1, 8), -100)
+    labels[0, 2], labels[0, 7] = 4, 4
+    batch = dict(attention_mask=torch.tensor([[1, 1, 1, 2, 2, 2, 2, 2]]), labels=labels,
+                 pixel_values=torch.zeros(1, 3, 8, 8))
+    # Forward FLOPs, 2 per multiply-add. Vision, 4 patches: conv 3*4*4*8 weights, q/k/v/out 8x8, fc1/fc2 8x16;
+    # attention 4^2 pairs x 8 channels x 2 products. Projector, 1 token: fc1 32x8, fc2 8x8.
+    # LM, 8 real tokens: q 8x8, k/v 8x4, o 8x8, gate/up/down 8x16; attention 3*4/2 + 5*6/2 = 21 causal pairs x
+    # (2 heads x 4) channels x 2 products; the tied head 8x32 at the 2 labelled positions.
+    conv, vqkv, vattn, vout, vmlp = 2 * 384 * 4, 3 * 2 * 64 * 4, 2 * 2 * 16 * 8, 2 * 64 * 4, 2 * 2 * 128 * 4
+    pfc1, pfc2 = 2 * 256, 2 * 64
+    q, kv, lattn, o, mlp, head = 2 * 64 * 8, 2 * 2 * 32 * 8, 2 * 2 * 21 * 8, 2 * 64 * 8, 3 * 2 * 128 * 8, 2 * 256 * 2
+    vision_linear, lm_linear = vqkv + vout + vmlp, q + kv + o + mlp
+    # Everything trains: every layer 3x its forward (input and weight gradients), except the first, the patch
+    # convolution, which has nothing before it to pass a gradient to (2x); attention cores 3x.
+    assert train_flops(model, batch) == (2 * conv + 3 * vision_linear + 3 * vattn + 3 * (pfc1 + pfc2)
+                                         + 3 * lm_linear + 3 * lattn + 3 * head)
+    # The vision tower frozen: it runs forward only; the projector's fc1 gets a weight gradient but passes none
+    # back (2x); everything after it 3x.
+    model.vision.requires_grad_(False)
+    assert train_flops(model, batch) == (conv + vision_linear + vattn + 2 * pfc1 + 3 * pfc2
+                                         + 3 * lm_linear + 3 * lattn + 3 * head)
+    # Only the projector trains (stage 1): the frozen LM still passes the gradient back to it (2x; attention 3x).
+    model.lm.requires_grad_(False)
+    assert train_flops(model, batch) == (conv + vision_linear + vattn + 2 * pfc1 + 3 * pfc2
+                                         + 2 * lm_linear + 3 * lattn + 2 * head)
+    # A text-only batch: no image, nothing upstream of the frozen LM trains: forward only.
+    text = dict(batch, pixel_values=torch.zeros(0, 3, 8, 8))
+    assert train_flops(model, text) == lm_linear + lattn + head
