@@ -418,12 +418,14 @@ def main(argv=None):
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                disable=not dist.is_main, desc="grpo")
     for step in bar:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps, args.min_lr_ratio)
         rollouts, sampled = rollout_step(model, ref_model, tok, samples, lengths, args, step, dist, ctx)
         stats, grad_norm = update_step(model, opt, rollouts, args, step, dist, ctx)
         row = step_metrics(rollouts, sampled, stats, args, dist)
-        row.update(lr=lr, grad_norm=float(grad_norm), step_time=time.time() - t0)
+        # step_cpu: CPU seconds of this process (all its threads), which a busy machine does not inflate as it does
+        # step_time, the wall-clock seconds
+        row.update(lr=lr, grad_norm=float(grad_norm), step_time=time.time() - t0, step_cpu=time.process_time() - c0)
         log.log(step, **row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", flat=f"{row['frac_zero_std_groups']:.2f}")
         if dist.is_main and step % args.log_every == 0:
