@@ -375,7 +375,8 @@ def held_out(model, tok, val_samples, updates, args, log):
     report = evaluate_answers(model, tok, val_samples, limit=args.eval_answers, max_new_tokens=args.max_new_tokens,
                               answer_tags=bool(args.prompt_suffix))
     r = report["all"]
-    log.log(updates, val_exact=r["exact"], val_text=r["text"])
+    log.log(updates, val_exact=r["exact"], val_text=r["text"],
+            **{f"val_exact_{k}": v["exact"] for k, v in report.items() if k != "all"})   # per question type
     tqdm.write(f"held-out after {updates} steps: exact {r['exact']:.1%}, text {r['text']:.1%}")
     return report
 
