@@ -8,7 +8,7 @@ Offline, on the embedded default (tiny model, synthetic OCR task, CPU), after tr
     python sample.py --ckpt out/grpo --image data/synthetic/images/val/ocr_000000.png \\
         --prompt "What is the text in the image?"
 How much there is to gain, before training: pass@8 against the greedy score (GRPO reinforces the better of
-the sampled answers, so pass@k is a rough ceiling for the greedy score; README, stage 3):
+the sampled answers, so pass@k is a rough ceiling for the greedy score; lesson 11):
     python sample.py --ckpt out/sft --eval data/synthetic/ocr_val.jsonl --limit 500 --num-samples 8 --temperature 1
 
 Real weights (GPUs), after stage 2:
@@ -27,6 +27,7 @@ The checkpoint in --out-dir is a plain VLM checkpoint (with LoRA: the merged wei
 """
 
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -42,7 +43,8 @@ from nanovlm.data import fit_lengths, load_data, load_image
 from nanovlm.evaluate import evaluate_answers, format_report
 from nanovlm.numeric import NumericVLM
 from nanovlm.tokenizer import IMAGE_TAG
-from nanovlm.vlm_train import build_model, build_parser, make_vlm_optimizer, resolve_args, save_vlm_checkpoint
+from nanovlm.vlm_train import (build_model, build_parser, check_resume, make_vlm_optimizer, resolve_args, resume,
+                               save_vlm_checkpoint, setup_trainable)
 
 
 CHECKPOINT_SYSTEM = "(the checkpoint's)"   # --system left unset: prompts use the SFT checkpoint's system prompt
@@ -79,6 +81,11 @@ def parse_args(argv=None):
     args = resolve_args(p.parse_args(argv))
     if not args.init_from:
         raise SystemExit(f"--init-from is required with --preset {args.preset}: the SFT checkpoint to improve")
+    if args.batch_tokens:
+        raise SystemExit("--batch-tokens is for SFT and pretraining: GRPO's --batch-size counts prompts")
+    if args.fsdp:
+        raise SystemExit("train_grpo.py replicates the model (DDP): for a model too big for that, train LoRA "
+                         "adapters (--lora-rank), whose reference model comes free")
     if args.num_generations < 2:
         raise SystemExit("--num-generations must be >= 2: advantages compare completions of the same prompt")
     if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
@@ -88,6 +95,7 @@ def parse_args(argv=None):
     unknown = [r for r in args.reward_funcs if r not in rewards.REWARD_FUNCS]
     if unknown:
         raise SystemExit(f"unknown reward function(s) {unknown}; known: {sorted(rewards.REWARD_FUNCS)}")
+    _check_grpo_args(args)
     return args
 
 
@@ -209,6 +217,7 @@ def make_rollout(model, tok, samples, idx, args, generator):
     batch["per_function"] = per_fn
     batch["advantages"] = grpo.group_advantages(batch["rewards"], G, scale=args.scale_rewards)
     batch["texts"] = texts
+    batch["where"] = [s["where"] for s in chosen]   # the prompts' names, for errors
     batch.update(prompts=prompts, prompt_pixel_values=pixel_values, prompt_pixels=pixels, n_images=n_images,
                  solutions=solutions, questions=[s["messages"][-2]["content"] for s in chosen])
     return batch
@@ -241,7 +250,8 @@ def keep_groups(batches, G, limit, pad_id):
                  advantages=torch.stack([b["advantages"][r] for b, r in rows]),
                  per_function={k: [b["per_function"][k][r] for b, r in rows] for k in batches[0]["per_function"]},
                  texts=[b["texts"][r] for b, r in rows], prompts=prompts, n_images=n_images,
-                 solutions=[b["solutions"][g] for b, g in kept], questions=[b["questions"][g] for b, g in kept])
+                 solutions=[b["solutions"][g] for b, g in kept], questions=[b["questions"][g] for b, g in kept],
+                 where=[b["where"][g] for b, g in kept])
     return batch
 
 
@@ -304,7 +314,7 @@ def update_step(model, opt, rollouts, args, step, dist, ctx):
     """2. --num-iterations optimizer updates on the rollout batch. Returns (per-micro-batch metrics, grad norm).
 
     Gradients are averaged over processes by hand (average_gradients: one all_reduce per update) rather than by
-    wrapping the model in DDP, because the log-probs come from grpo.completion_logps, a forward of its own that
+    wrapping the model in DDP, because the log-probs come from grpo.shared_prompt_logps, a forward of its own that
     DDP's wrapper would never see."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -330,7 +340,7 @@ def update_step(model, opt, rollouts, args, step, dist, ctx):
                 stats.setdefault(k, []).append(v)
         average_gradients(params, dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        tu.check_finite(sum(stats["loss"]), step)
+        tu.check_finite(sum(stats["loss"]), step, samples=[w for b in rollouts for w in b["where"]])
         opt.step()
         opt.zero_grad(set_to_none=True)
     return stats, grad_norm
@@ -386,6 +396,8 @@ def main(argv=None):
     dist = tu.setup_distributed(args.device)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
+    if args.resume:   # before anything is built: the flags must be the run's (vlm_train.RESUME_MAY_CHANGE aside)
+        check_resume(args, dist)
     model, tok = build_model(args, dist)   # --init-from: the SFT checkpoint, its tokenizer
     if isinstance(model, NumericVLM):
         raise SystemExit(f"{args.init_from} has a numeric head; GRPO does not support it yet")
@@ -394,17 +406,14 @@ def main(argv=None):
         model.cfg.system_prompt = args.system
     samples, lengths = load_prompts(args, tok, model.cfg, verbose=dist.is_main)
     lengths = tuple(lengths) if args.group_by_length else None   # prompts of similar length: less padding
-    opt = make_vlm_optimizer(model, args)   # adds the LoRA adapters when --lora-rank > 0
+    opt = make_vlm_optimizer(setup_trainable(model, args), args)   # LoRA adapters first when --lora-rank > 0
+    if args.grad_checkpointing:
+        tu.checkpoint_blocks([*model.vision.layers, *model.lm.layers])
     ref_model = reference_model(model, args)
-    start_step = 0
-    if args.resume:
-        if lora.has_lora(model):   # model.safetensors holds merged weights; the adapters are in train_state.pt
-            state = lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
-        else:
-            state = tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
-        start_step = state["step"]
+    start_step = resume(out_dir, model, opt, dist)["step"] if args.resume else 0
     ctx = tu.autocast_context(dist.device, args.dtype)
-    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
+    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None,
+                           wandb_project=args.wandb, config=vars(args))
     if dist.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"grpo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M "
@@ -418,6 +427,7 @@ def main(argv=None):
     report = before = held_out(model, tok, val_samples, 0, args, log) if start_step == 0 else None
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                disable=not dist.is_main, desc="grpo")
+    stop = tu.StopOnCtrlC(dist, out_dir)   # Ctrl-C: finish the step, save, stop; twice: abort at once
     for step in bar:
         t0, c0 = time.time(), time.process_time()
         lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps, args.min_lr_ratio)
@@ -435,22 +445,44 @@ def main(argv=None):
             if args.log_completions and rollouts:
                 log_completions(rollouts[0], args, step)
         last = step == args.max_steps - 1 or step + 1 == args.stop_at_step
+        stopping = stop.requested()
         if (step + 1) % args.eval_every == 0 or last:
             report = held_out(model, tok, val_samples, step + 1, args, log)
-        if (step + 1) % args.save_every == 0 or last:
+        if (step + 1) % args.save_every == 0 or last or stopping:
             save_vlm_checkpoint(out_dir, model, tok, opt, step + 1, args, dist)
             log.plot(["reward"] + [f"reward_{n}" for n in args.reward_funcs] + ["val_text", "val_exact"], "reward.png",
                      title="GRPO: training reward, held-out answers")
             log.plot(["frac_zero_std_groups", "frac_groups_kept", "entropy", "kl"], "groups.png",
                      title="GRPO: flat groups, groups kept, entropy (nats/token), KL")
+        if stopping:
+            raise tu.Interrupted(step + 1, out_dir)   # one line (run_cli), exit code 130
         if step + 1 == args.stop_at_step:
             break
+    stop.restore()
+    log.finish()
     if before is not None:
         print(f"\nheld-out answers before GRPO ({args.val_data}):\n{format_report(before)}")
     if report is not None:   # the evaluation after the last step
         print(f"\nheld-out answers after GRPO:\n{format_report(report)}")
         print(f"\ncheckpoint: {out_dir}   try: python sample.py --ckpt {out_dir} --image IMAGE --prompt TEXT")
     tu.cleanup_distributed()
+
+
+def _check_grpo_args(args):
+    """GRPO's own flag values that cannot work, one line each (build_parser's are checked by resolve_args)."""
+    for key in ("max_new_tokens", "num_iterations"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least 1")
+    for key in ("beta", "eps_low", "eps_high"):
+        if not (math.isfinite(getattr(args, key)) and getattr(args, key) >= 0):
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be a finite number >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature {args.temperature}: must be > 0 (GRPO samples; greedy answers are all alike)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p}: must be in (0, 1]")
+    bad = [w for w in args.reward_weights or [] if not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"--reward-weights {bad[0]}: must be a finite number")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Real weights (GPUs; LLaVA-CC3M-Pretrain-595K: chat.json + images/):
     torchrun --standalone --nproc_per_node=8 train_pretrain.py --preset qwen2.5-0.5b-siglip \
         --data chat.json --image-root images/ --out-dir out/pretrain
 
-The loop is train_sft.py's. Resume an interrupted run exactly: add --resume (same flags, same --out-dir).
+The loop is train_sft.py's. Ctrl-C saves a checkpoint at the end of the step; add --resume (same flags,
+same --out-dir) to continue exactly.
 Every flag: python train_pretrain.py --help
 """
 

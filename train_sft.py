@@ -9,7 +9,8 @@ Real weights (GPUs), after stage 1 (train_pretrain.py):
     torchrun --standalone --nproc_per_node=8 train_sft.py --preset qwen2.5-0.5b-siglip --init-from out/pretrain \\
         --data llava_v1_5_mix665k.json --image-root images/ --out-dir out/sft
 
-Resume an interrupted run exactly: add --resume (same flags, same --out-dir).
+Ctrl-C saves a checkpoint at the end of the step. Resume exactly: add --resume (same flags, same --out-dir;
+flags that would change the run are refused, vlm_train.RESUME_MAY_CHANGE lists those that may change).
 Every flag: python train_sft.py --help
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanovlm import lora
+from nanovlm import fsdp, lora
 from nanovlm import train_utils as tu
 from nanovlm import vlm_train as vt
 from nanovlm.cli import run_cli
@@ -33,32 +34,39 @@ def train(args):
     dist = tu.setup_distributed(args.device)
     torch.manual_seed(args.seed + dist.rank)
     out_dir = Path(args.out_dir)
+    if args.resume:   # before anything is built: the flags must be the run's (vt.RESUME_MAY_CHANGE aside)
+        vt.check_resume(args, dist)
 
     # ---- model, data, optimizer --------------------------------------------------------------------------
     model, tok = vt.build_model(args, dist)
     model.to(dist.device)
     model.cfg.system_prompt = args.system   # saved with the checkpoint: sampling uses the same chat template
     train_set, val_set = vt.datasets(args, model, tok, verbose=dist.is_main)
-    opt = vt.make_vlm_optimizer(model, args)   # adds the LoRA adapters first when --lora-rank > 0
-
-    # ---- resume: weights, optimizer, step and RNG from --out-dir ---------------------------------------------
-    start_step = 0
-    if args.resume:
-        if lora.has_lora(model):   # model.safetensors holds merged weights; the adapters are in train_state.pt
-            state = lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
-        else:
-            state = tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
-        start_step = state["step"]
-
+    vt.setup_trainable(model, args)   # LoRA adapters, frozen parts: before DDP or FSDP see the parameters
     raw = model   # the plain module: what checkpoints store and what loss_counts() is asked
-    if dist.ddp:
+    blocks = [*raw.vision.layers, *raw.lm.layers]
+    if args.grad_checkpointing:
+        tu.checkpoint_blocks(blocks)
+    if args.compile:   # block by block: shapes change with every packed batch, and blocks share one compiled graph
+        for block in blocks:
+            block.compile(dynamic=True)
+    if args.fsdp:   # shards in place: raw is the sharded model too
+        param_dtype = tu.resolve_dtype(dist.device, args.dtype)
+        model = fsdp.shard(model, blocks, None if param_dtype == torch.float32 else param_dtype)
+    elif dist.ddp:
         # A micro-batch of text-only samples leaves the vision tower and projector out of the graph; DDP must
         # then be told to look for unused parameters, or it waits for their gradients forever.
         text_only = any(not s["images"] for s in train_set.samples)
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=text_only)
+    opt = vt.make_vlm_optimizer(raw, args)   # after sharding: FSDP's parameters are the shards
+
+    # ---- resume: weights, optimizer, step and RNG from --out-dir ---------------------------------------------
+    start_step = vt.resume(out_dir, raw, opt, dist)["step"] if args.resume else 0
+
     ctx = tu.autocast_context(dist.device, args.dtype)
     scaler = tu.grad_scaler(dist.device, args.dtype)   # fp16 only: bf16 and fp32 need no loss scaling
-    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
+    log = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None,
+                           wandb_project=args.wandb, config=vars(args))
     if dist.is_main:
         n_params = sum(p.numel() for p in raw.parameters())
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
@@ -70,7 +78,8 @@ def train(args):
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                disable=not dist.is_main, desc=args.stage)
     model.train()
-    t0, tokens, flops, losses = time.time(), 0, 0, []
+    t0, tokens, flops, losses, samples = time.time(), 0, 0, [], []
+    stop = tu.StopOnCtrlC(dist, out_dir)   # Ctrl-C: finish the step, save, stop; twice: abort at once
     for step in bar:
         lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps, args.min_lr_ratio)
         micro_batches = [next(loader) for _ in range(args.grad_accum)]
@@ -91,32 +100,39 @@ def train(args):
                     parts[k] = parts.get(k, 0.0) + out[k].detach()
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP: a DTensor
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
         losses.append(loss)   # tensors: read (one sync) at the next log step, not here
+        samples.append([w for b in micro_batches for w in b["where"]])   # named if that loss is not finite
 
         last = step == args.max_steps - 1 or step + 1 == args.stop_at_step
-        if step % args.log_every == 0 or last:
-            loss = tu.check_losses(losses, step, dist)   # this process's losses since the last log, mean over processes
+        stopping = stop.requested()
+        if step % args.log_every == 0 or last or stopping:
+            loss = tu.check_losses(losses, step, dist, samples)   # the losses since the last log, mean over processes
             dt = time.time() - t0
             tok_s = tokens * dist.world_size / max(dt, 1e-9)
             mfu = tu.mfu(flops / max(dt, 1e-9), dist.device)   # this process's FLOP/s over its device's peak
             log.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
                     **({"mfu": mfu} if mfu is not None else {}), **{k: float(v) for k, v in parts.items()})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
-            t0, tokens, flops, losses = time.time(), 0, 0, []
+            t0, tokens, flops, losses, samples = time.time(), 0, 0, [], []
         if val_set is not None and ((step + 1) % args.eval_every == 0 or last):
             val = vt.evaluate_loss(model, val_set, args, dist, tok.endoftext, ctx)
             log.log(step, val_loss=val)
             if dist.is_main:
                 tqdm.write(f"step {step + 1}: val loss {val:.4f}")
-        if (step + 1) % args.save_every == 0 or last:
-            tu.check_losses(losses, step, dist)   # never save weights a non-finite loss has touched
+        if (step + 1) % args.save_every == 0 or last or stopping:
+            tu.check_losses(losses, step, dist, samples)   # never save weights a non-finite loss has touched
             vt.save_vlm_checkpoint(out_dir, model, tok, opt, step + 1, args, dist)
             log.plot(["loss", "val_loss"], "loss.png", title=f"{args.stage} loss", logy=True)
+        if stopping:
+            raise tu.Interrupted(step + 1, out_dir)   # one line (run_cli), exit code 130
         if step + 1 == args.stop_at_step:
             break
+    stop.restore()
+    log.finish()
     return lora.merge_lora(raw), tok, args, dist   # as saved: plain layers, any adapters folded in
 
 

@@ -63,7 +63,7 @@ def main(argv=None):
     if abs(la.item() - lb.item()) > 1e-5 * abs(la.item()) or grad_diff > 1e-4:
         raise SystemExit("packed and padded batches compute different losses or gradients: not comparable")
 
-    opt = vt.make_vlm_optimizer(model, train_args)
+    opt = vt.make_vlm_optimizer(vt.setup_trainable(model, train_args), train_args)
     times = {name: [] for name in sides}
     tokens = {name: [] for name in sides}
     for i in range(n_batches):

@@ -60,23 +60,24 @@ def lesson(stem):
 
 def attention_masks(plt):
     """Lesson 1: the masks attention() applies, read off its weights (zero q and k, identity values)."""
-    from nanovlm.attention import KVCache, attention
+    from nanovlm.attention import KVCache, Packing, attention
 
     def weights(T, **kw):
         zeros = torch.zeros(1, T, 1, 4)
         return attention(zeros, zeros, torch.eye(T)[None, :, None, :], backend="math", **kw)[0, :, 0]
 
     T = 8
-    real = torch.tensor([[True] * 5 + [False] * 3])
-    seg = torch.tensor([[1, 1, 1, 2, 2, 2, 2, 0]])
+    left_padded = Packing.from_mask(torch.tensor([[0] * 3 + [1] * 5]))
+    packed = Packing.from_mask(torch.tensor([[1, 1, 1, 2, 2, 2, 2, 0]]))
     cache = KVCache(n_layers=1, batch_size=1, max_len=T, n_kv_heads=1, head_dim=4)
     cache.advance(6)                                             # 6 tokens already cached, 2 new ones
+    cache.begin(2)
     panels = [("causal", weights(T, causal=True) > 0, "query t sees keys 0..t"),
-              ("causal + padding (3 pads)", weights(T, causal=True, key_padding_mask=real) > 0,
-               "pad keys unseen; a pad query sees itself"),
-              ("packed: segments 1 1 1 2 2 2 2 0", weights(T, causal=True, segment_ids=seg) > 0,
+              ("causal + padding (3 pads, left)", weights(T, causal=True, packing=left_padded) > 0,
+               "the padding is a run of its own"),
+              ("packed: samples 1 1 1 2 2 2 2 0", weights(T, causal=True, packing=packed) > 0,
                "block-diagonal: samples apart"),
-              ("KV cache: 6 cached, 2 new", cache.mask(2, T)[0], "bottom-right aligned")]
+              ("KV cache: 6 cached, 2 new", cache.visible[0], "bottom-right aligned")]
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
     for ax, (title, mask, note) in zip(axes, panels):
         ax.imshow(mask.float().numpy(), cmap="Blues", vmin=0, vmax=1.25, aspect="equal")

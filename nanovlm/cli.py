@@ -7,6 +7,10 @@ The errors raised for bad input (a data file, a flag, a checkpoint, a reward plu
 sample, tensor, reward function) and what to do; a traceback around them only buries that line. Set
 NANOVLM_DEBUG=1 to get the traceback anyway (a bug report wants it). Errors of other types (RuntimeError from
 PyTorch, AssertionError, ...) are bugs or resource limits and keep their traceback.
+
+Ctrl-C is one line too, exit code 130 (128 + SIGINT, as a shell reports it). Inside a training loop the first
+Ctrl-C saves a checkpoint at the end of the step and says where (train_utils.StopOnCtrlC); elsewhere, or on a
+second Ctrl-C, the script stops at once.
 """
 
 import os
@@ -16,7 +20,8 @@ INPUT_ERRORS = (ValueError, OSError, KeyError, TypeError, FloatingPointError, Sy
 
 
 def run_cli(main):
-    """Call main(); exit with its return value, or with 2 and `error: <message>` on stderr for an input error."""
+    """Call main(); exit with its return value, or with 2 and `error: <message>` on stderr for an input error
+    (130 and `interrupted: <message>` for Ctrl-C)."""
     if os.environ.get("NANOVLM_DEBUG", "") not in ("", "0"):
         sys.exit(main())
     try:
@@ -26,4 +31,8 @@ def run_cli(main):
         message = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
         print(f"error: {message or type(e).__name__}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        if os.environ.get("RANK", "0") == "0":   # under torchrun every process stops: one of them says why
+            print(f"\ninterrupted{': ' if str(e) else ''}{e}", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code)

@@ -9,12 +9,12 @@ Vocabulary (vocab.json, token -> id), ids fixed so every run and every dataset a
     0 <PAD>  1 <IMG>  2 </IMG>  3 <CLS>  4 <EOS>  5.. <CLS_0>..<CLS_{n-1}> (n >= 10)  then c_0..c_{K-1}
 
 prepare() builds a data directory from scikit-learn's 1797 handwritten digits (or a folder-per-class image
-directory): train/val/test.jsonl, vocab.json, codebook.npz (centres + patch geometry, fitted on train only),
-images.npz (the same splits as pixels, for a classical baseline) and meta.json.
+directory): train/val/test.jsonl (training images also as randomly turned and moved copies, augment()),
+vocab.json, codebook.npz (centres + patch geometry, fitted on train only), images.npz (the same splits as
+pixels, for a classical baseline) and meta.json. save_tokenizer() writes the vocabulary for transformers.
 
-Why 4x4 patches every 2 pixels (9 codes per 8x8 digit): a code then stands for a piece of stroke, not a
-few pixels of one. Probe on the digits, logistic regression on one-hot (position, code), 512 codes, test split:
-4x4/2 98.5%, 4x4/1 97.8%, 3x3/1 97.0%, 2x2/1 93.3%, 2x2/2 87.8%; and the shortest sequences train fastest.
+Why 4x4 patches every 2 pixels (9 codes per 8x8 digit): a code then stands for a piece of stroke, not a few
+pixels of one, and short sequences train fast (the probes behind it: docs/experiments.md, "Small GPT").
 """
 
 import json
@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 SPECIAL = ["<PAD>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"]
 PAD, IMG, IMG_END, CLS, EOS = range(len(SPECIAL))
 TAIL_LEN = 4  # </IMG> <CLS> <CLS_k> <EOS>: never truncated away
+HF_TOKEN_IDS = {"bos_token_id": IMG, "eos_token_id": EOS, "pad_token_id": PAD}  # for GPT.save_hf's config.json
 
 
 def build_vocab(codebook_size, n_classes=10):
@@ -40,15 +42,51 @@ def class_token_ids(vocab):
 
 
 def load_vocab(path):
+    """vocab.json -> {token: id}, checked: one id per token, ids 0..N-1, the fixed special ids, <CLS_0>.. in order."""
     path = Path(path)
     try:
         vocab = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read vocabulary: {e}") from None
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
+        raise ValueError(f"{path}: expected a JSON object {{token: integer id}}")
+    by_id = {}
+    for t, i in vocab.items():
+        by_id.setdefault(i, []).append(t)
+    shared = [(i, ts) for i, ts in sorted(by_id.items()) if len(ts) > 1]
+    if shared:  # two tokens on one embedding row would be one token to the model
+        i, ts = shared[0]
+        raise ValueError(f"{path}: tokens {', '.join(map(repr, ts))} share id {i} ({len(shared)} ids are shared); "
+                         "every token needs its own id")
+    if sorted(by_id) != list(range(len(vocab))):
+        raise ValueError(f"{path}: ids must be 0..{len(vocab) - 1} (one embedding row each), "
+                         f"got {min(by_id)}..{max(by_id)}")
     for i, t in enumerate(SPECIAL):
         if vocab.get(t) != i:
             raise ValueError(f"{path}: expected {t} to have id {i}, got {vocab.get(t)}")
+    labels = [t for t in vocab if t.startswith("<CLS_")]
+    missing = [f"<CLS_{k}>" for k in range(len(labels)) if f"<CLS_{k}>" not in vocab]
+    if missing:
+        raise ValueError(f"{path}: label tokens must be <CLS_0>..<CLS_{len(labels) - 1}>, missing {missing[:3]}")
     return vocab
+
+
+def save_tokenizer(vocab, out_dir):
+    """Write vocab as tokenizer.json (+ tokenizer_config.json) for the Hugging Face tokenizers / transformers.
+
+    A WordLevel model: the text is split on whitespace and each piece looked up in vocab, exactly like encode().
+    A piece not in vocab is an error there too (no unknown token). The five structural tokens are marked
+    special, so decoding with skip_special_tokens keeps only codes and labels.
+    """
+    tok = Tokenizer(models.WordLevel(vocab))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<IMG>", "eos_token": "<EOS>",
+              "pad_token": "<PAD>"}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -129,6 +167,9 @@ def read_jsonl(path, vocab):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such data file")
+    labels = set(class_token_ids(vocab))
+    not_code = set(range(len(SPECIAL))) | labels
+    itos = {i: t for t, i in vocab.items()}
     seqs = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -143,6 +184,12 @@ def read_jsonl(path, vocab):
             if len(ids) < TAIL_LEN + 1 or ids[0] != IMG or ids[-TAIL_LEN] != IMG_END or ids[-TAIL_LEN + 1] != CLS \
                     or ids[-1] != EOS:
                 raise ValueError(f"{path}:{n}: expected '<IMG> ... </IMG> <CLS> <CLS_k> <EOS>', got {text[:80]!r}")
+            if ids[-2] not in labels:  # the answer the model learns to give at <CLS>
+                raise ValueError(f"{path}:{n}: the token before <EOS> must be a label <CLS_k>, got {itos[ids[-2]]!r}")
+            inside = [i for i in ids[1:-TAIL_LEN] if i in not_code]
+            if inside:
+                raise ValueError(f"{path}:{n}: between <IMG> and </IMG> only image codes may appear, "
+                                 f"got {itos[inside[0]]!r}")
             seqs.append(ids)
     if not seqs:
         raise ValueError(f"{path}: no samples")
@@ -232,20 +279,47 @@ def split_indices(n, seed, val_frac=0.15, test_frac=0.15):
     return {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
 
 
-def shifted(images, dy, dx):
-    """Images moved by (dy, dx) pixels, zeros shifted in."""
+def affine(images, angle, dy, dx):
+    """Each image turned by angle[i] degrees about its centre and moved by (dy[i], dx[i]) pixels.
+
+    images (N, H, W); angle, dy, dx (N,) each. Bilinear: every output pixel reads the 4 input pixels around
+    the point it comes from (the inverse rotation of its offset from the moved centre); zeros outside.
+    """
     N, H, W = images.shape
-    out = np.zeros_like(images)
-    out[:, max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
-        images[:, max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
-    return out
+    a = np.radians(np.asarray(angle, dtype=np.float64))[:, None, None]                # (N, 1, 1)
+    cos, sin = np.cos(a), np.sin(a)
+    ry = np.arange(H)[None, :, None] - (H - 1) / 2 - np.asarray(dy, dtype=np.float64)[:, None, None]  # (N, H, 1)
+    rx = np.arange(W)[None, None, :] - (W - 1) / 2 - np.asarray(dx, dtype=np.float64)[:, None, None]  # (N, 1, W)
+    sy = cos * ry + sin * rx + (H - 1) / 2                                             # (N, H, W) source row
+    sx = -sin * ry + cos * rx + (W - 1) / 2                                            # (N, H, W) source column
+    y0, x0 = np.floor(sy).astype(np.int64), np.floor(sx).astype(np.int64)
+    fy, fx = sy - y0, sx - x0
+    n = np.arange(N)[:, None, None]
+    out = np.zeros((N, H, W))
+    for oy, ox, w in ((0, 0, (1 - fy) * (1 - fx)), (1, 0, fy * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 1, fy * fx)):
+        yi, xi = y0 + oy, x0 + ox
+        inside = (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
+        out += w * inside * images[n, yi.clip(0, H - 1), xi.clip(0, W - 1)]
+    return out.astype(images.dtype)
 
 
-def prepare(out_dir, source="digits", codebook_size=512, patch=4, stride=2, image_size=16, seed=0, shift=0):
+def augment(images, copies, rotate, shift, seed):
+    """The images, then copies - 1 randomly moved versions of them (angle in +-rotate degrees, shifts in +-shift
+    pixels, uniform). A digit turned a little or drawn a pixel off is the same digit."""
+    rng = np.random.default_rng(seed)
+    out = [images]
+    for _ in range(copies - 1):
+        u = rng.uniform(-1, 1, (3, len(images)))
+        out.append(affine(images, rotate * u[0], shift * u[1], shift * u[2]))
+    return np.concatenate(out)                                                          # (copies * N, H, W)
+
+
+def prepare(out_dir, source="digits", codebook_size=512, patch=4, stride=2, image_size=16, seed=0, copies=1,
+            rotate=0.0, shift=0.0):
     """Build out_dir from `source` ("digits" or a folder-per-class directory). Returns out_dir.
 
-    shift > 0 adds training copies moved by up to `shift` pixels in x and y ((2 shift + 1)^2 copies in all):
-    a digit drawn one pixel to the left is the same digit. val/test are never augmented.
+    copies > 1 writes each training image that many times, all but the first randomly turned (+-rotate degrees)
+    and moved (+-shift pixels) before quantising (augment()). val/test are never augmented.
     """
     out_dir = Path(out_dir)
     if source == "digits":
@@ -259,20 +333,19 @@ def prepare(out_dir, source="digits", codebook_size=512, patch=4, stride=2, imag
     vocab = build_vocab(codebook_size, len(classes))
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, idx in splits.items():
-        moves = [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]
-        x = np.concatenate([shifted(images[idx], dy, dx) for dy, dx in moves]) if name == "train" else images[idx]
-        y_all = np.tile(labels[idx], len(moves)) if name == "train" else labels[idx]
+        x, y = images[idx], labels[idx]
+        if name == "train":
+            x, y = augment(x, copies, rotate, shift, seed), np.tile(y, copies)
         codes = quantize(extract_patches(x, patch, stride), centres)
         with open(out_dir / f"{name}.jsonl", "w") as f:
-            for c, y in zip(codes, y_all):
-                f.write(json.dumps({"tokens": sequence_text(c.tolist(), int(y))}) + "\n")
+            for c, label in zip(codes, y):
+                f.write(json.dumps({"tokens": sequence_text(c.tolist(), int(label))}) + "\n")
     (out_dir / "vocab.json").write_text(json.dumps(vocab, indent=0))
     np.savez(out_dir / "codebook.npz", centres=centres, patch=patch, stride=stride)
     np.savez(out_dir / "images.npz", **{f"x_{k}": images[v] for k, v in splits.items()},
              **{f"y_{k}": labels[v] for k, v in splits.items()})
     meta = {"source": str(source), "classes": classes, "codebook_size": codebook_size, "patch": patch,
-            "stride": stride, "shift": shift, "seed": seed, "image_shape": list(images.shape[1:]),
-            "sizes": {k: len(v) for k, v in splits.items()}}
+            "stride": stride, "copies": copies, "rotate": rotate, "shift": shift, "seed": seed,
+            "image_shape": list(images.shape[1:]), "sizes": {k: len(v) for k, v in splits.items()}}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return out_dir
-

@@ -34,10 +34,9 @@ preprocessing (siglip.py); collate right-pads a batch. Samples are never truncat
 the image tokens or the answer would teach garbage, so an over-long sample is an error (or, with
 drop_long=True, dropped and counted) decided at construction, so indices never change while training; the
 construction prints one line per data file: samples, dropped, why.
-Cost of that length scan: the chats are tokenized in one Rust encode_batch call with a single pad per
-image (every image costs exactly image_tokens + 2 tokens) and the system turn counted once: 0.1-0.3 ms
-a sample, a minute or two for LLaVA's 595K captions, paid once at start-up. The real tokenization
-happens lazily in __getitem__, inside the DataLoader workers.
+The length scan is cheap: the chats are tokenized in one Rust encode_batch call with a single pad per image
+(every image costs exactly image_tokens + 2 tokens) and the system turn counted once, paid once at start-up.
+The real tokenization happens lazily in __getitem__, inside the DataLoader workers.
 
 Numbers written `<num><v>` (numeric.py) are parsed at construction, in every turn (user and assistant), so
 malformed markup is an error naming the sample before training starts. With numeric=True each becomes the
@@ -54,6 +53,7 @@ import re
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from nanovlm.attention import Packing
 from nanovlm.numeric import parse_numbers, split_numbers
 from nanovlm.siglip import IMAGE_MODES, preprocess_image
 from nanovlm.tokenizer import DEFAULT_SYSTEM, IMAGE_TAG
@@ -409,8 +409,10 @@ def pack(batch, pad_id, max_length):
 
 def _fill_rows(batch, rows, pad_id):
     """rows: lists of sample indices, each row's samples laid one after another. attention_mask (B, T) long
-    numbers them 1, 2, ... in their row, 0 = padding. Images and <num> values follow the reading order (row by
-    row, left to right), the order in which the VLM fills image-pad slots and <num> tokens."""
+    numbers them 1, 2, ... in their row, 0 = padding; packing (attention.Packing) says the same in the form
+    attention uses (positions within each sample, cu_seqlens), computed here so no layer derives it. Images and
+    <num> values follow the reading order (row by row, left to right), the order in which the VLM fills
+    image-pad slots and <num> tokens."""
     lengths = [sum(len(batch[i]["input_ids"]) for i in row) for row in rows]
     B, T = len(rows), max(lengths)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -425,7 +427,8 @@ def _fill_rows(batch, rows, pad_id):
             t += n
     read = [batch[i] for row in rows for i in row]
     out = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-               pixel_values=torch.cat([b["pixel_values"] for b in read]))   # (sum n_img, 3, H, W), maybe (0, 3, H, W)
+               pixel_values=torch.cat([b["pixel_values"] for b in read]),   # (sum n_img, 3, H, W), maybe (0, 3, H, W)
+               packing=Packing.from_mask(attention_mask))   # positions and cu_seqlens, here on the CPU, once
     if "num_values" in batch[0]:   # the numeric head's values, one per <num> token in reading order
         out["num_values"] = torch.cat([b["num_values"] for b in read])      # (sum n_num,)
     out["where"] = [b["where"] for b in read]   # the samples' names, for errors; not a model input

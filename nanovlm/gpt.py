@@ -7,17 +7,23 @@ Attention goes through nanovlm.attention (the same core the VLM uses), including
     logits, loss = model(input_ids, targets)                 # (B, T, vocab); loss ignores targets == -100
     new = model.generate(prompt, max_new_tokens=3, temperature=0)                   # greedy
     new = model.generate(prompt, 20, temperature=0.8, top_k=50, top_p=0.95)        # top-k + nucleus
+    model = GPT.from_checkpoint("out/gpt/last")          # a train_gpt.py checkpoint
+    model.save_hf("out/gpt/hf")                          # the same network as transformers' GPT2LMHeadModel
 """
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanovlm import train_utils as tu
 from nanovlm.attention import KVCache, attention
 from nanovlm.sampling import sample_next
+from nanovlm.weights import save_safetensors
 
 
 @dataclass
@@ -30,6 +36,15 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     attn_backend: str = "auto"     # auto | math | sdpa | flash
+
+    def to_hf(self, **token_ids):
+        """The config.json of transformers' GPT2LMHeadModel for this network; token_ids: bos/eos/pad_token_id."""
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": self.vocab_size,
+                "n_positions": self.block_size, "n_embd": self.n_embd, "n_layer": self.n_layer, "n_head": self.n_head,
+                "n_inner": 4 * self.n_embd, "activation_function": "gelu",  # F.gelu: exact, not GPT-2's tanh form
+                "layer_norm_epsilon": 1e-5, "embd_pdrop": self.dropout, "resid_pdrop": self.dropout,
+                "attn_pdrop": 0.0, "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
+                "dtype": "float32", "torch_dtype": "float32", **token_ids}
 
 
 class CausalSelfAttention(nn.Module):
@@ -103,23 +118,63 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weight counted once
 
-    def forward(self, idx, targets=None, cache=None):
-        """idx: (B, T) token ids. With a cache, the tokens continue each row at position cache.lengths[b]."""
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", dropout=0.0):
+        """Load a train_gpt.py checkpoint directory (config.json with model_type "gpt", model.safetensors)."""
+        config = tu.read_config(path)
+        if config.get("model_type") != "gpt":
+            raise ValueError(f"{path} holds a {config.get('model_type')!r} checkpoint (config.json model_type), "
+                             "not a GPT written by train_gpt.py")
+        if not isinstance(config.get("gpt"), dict):
+            raise ValueError(f"{path}/config.json: model_type 'gpt' but no \"gpt\" section with the model's shape")
+        model = cls(GPTConfig(**{**config["gpt"], "dropout": dropout}))
+        tu.load_checkpoint(path, model, device=device)
+        return model.to(device)
+
+    def save_hf(self, out_dir, **token_ids):
+        """Write config.json + model.safetensors that transformers' GPT2LMHeadModel.from_pretrained reads.
+
+        Same names under "transformer."; GPT-2's Conv1D layers store weights as (in, out), nn.Linear as
+        (out, in), so those are transposed. The tied head is left out (tie_word_embeddings). GPT-2 always has
+        biases: a bias=False model gets zeros, the same function. token_ids: bos/eos/pad_token_id for config.json.
+        """
+        tensors = {}
+        for name, t in self.state_dict().items():
+            if name == "lm_head.weight":
+                continue
+            if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                t = t.t()                                                               # (out, in) -> (in, out)
+            tensors["transformer." + name] = t.detach().float().contiguous().cpu()
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.LayerNorm)) and name != "lm_head" and m.bias is None:
+                tensors[f"transformer.{name}.bias"] = torch.zeros(m.weight.shape[0])
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(self.config.to_hf(**token_ids), indent=2))
+        save_safetensors(tensors, out_dir)
+
+    def forward(self, idx, targets=None, cache=None, n_targets=None):
+        """idx: (B, T) token ids. With a cache, the tokens continue each row at position cache.lengths[b].
+        targets (B, T), -100 = not scored: the loss is the cross-entropy summed over the scored positions and
+        divided by n_targets (default: their count here, the mean)."""
         B, T = idx.shape
         if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)[None]                              # (1, T)
-        else:
-            pos = cache.lengths[:, None] + torch.arange(T, device=idx.device)[None]     # (B, T)
-        if int(pos.max()) >= self.config.block_size:
-            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size {self.config.block_size}")
+        else:   # generate checks the length up front: no per-token read of the positions
+            pos = cache.begin(T)                                                        # (B, T)
         x = self.drop(self.wte(idx) + self.wpe(pos))                                    # (B, T, C)
         for i, block in enumerate(self.h):
             x = block(x, cache, i)
         logits = self.lm_head(self.ln_f(x))                                             # (B, T, V)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                               reduction="sum")
+        # the mean over this batch's targets, or the sum over n_targets (the training loop passes the count of
+        # the whole global batch, so that splitting a batch into micro-batches or processes changes nothing)
+        return logits, loss / (n_targets if n_targets is not None else (targets != -100).sum().clamp(min=1))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, lengths=None,
@@ -129,6 +184,8 @@ class GPT(nn.Module):
         Returns the new tokens (B, max_new_tokens); after a row emits eos_id it repeats eos_id.
         """
         B, T = idx.shape
+        if T + max_new_tokens - 1 > self.config.block_size:   # the last new token is never fed back in
+            raise ValueError(f"{T} prompt + {max_new_tokens} new tokens exceed block_size {self.config.block_size}")
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.long, device=idx.device)
         c = self.config

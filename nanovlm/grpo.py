@@ -38,7 +38,7 @@ How per-token losses become one number matters with completions of unequal lengt
 import torch
 import torch.nn.functional as F
 
-from nanovlm.attention import KVCache
+from nanovlm.attention import KVCache, Packing
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -213,9 +213,8 @@ def entropy_from_logits(logits):
 # Rollouts: G completions per prompt, sampled together, and their per-token log-probs
 #
 # A rollout batch holds B = n_prompts * G rows, laid out as consecutive groups (p0 c0, p0 c1, ..., p1 c0, ...)
-# as group_advantages expects. Each prompt is simply repeated G times and the whole batch sampled in one
-# VLM.generate call with the KV cache (the prompt prefill is recomputed G times; prefix sharing would save
-# it, at the cost of a much less readable cache).
+# as group_advantages expects. The whole batch is sampled in one VLM.generate call with the KV cache:
+# generate(num_samples=G) runs each prompt and its images through the model once, then copies its cache G times.
 #
 # The completion a row is trained on ends with its end-of-turn token (generate(include_stop=True)): without it
 # in the loss the model would never be taught to stop. A row cut off at max_new_tokens has none.
@@ -244,8 +243,9 @@ def repeat_prompts(prompts, pixel_values, images_per_prompt, n):
 
 @torch.no_grad()
 def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, max_new_tokens, temperature,
-            top_p=1.0, generator=None):
-    """Sample num_generations completions of each prompt in one batched generate call.
+            top_p=1.0, generator=None, compile=False):
+    """Sample num_generations completions of each prompt in one batched generate call (compile: a compiled
+    decode step, see VLM.generate).
 
     prompts: list of token-id lists; pixel_values: (sum of images_per_prompt, 3, H, W) in prompt order, or None.
     Returns a batch dict for completion_logps: input_ids / attention_mask (B, T) prompt + completion, right-padded;
@@ -257,12 +257,13 @@ def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, ma
         raise ValueError(f"GRPO samples its completions: temperature must be > 0, got {temperature}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    rows, pixel_values = repeat_prompts(prompts, pixel_values, images_per_prompt, num_generations)
     cfg = model.cfg
     # include_stop: a row that stopped ends with the stop token it sampled, which is trained like any other
     # token; a row cut off at max_new_tokens has none.
-    completions = model.generate(rows, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, generator=generator, include_stop=True)
+    completions = model.generate(prompts, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, generator=generator, include_stop=True, num_samples=num_generations,
+                                 compile=compile)
+    rows, pixel_values = repeat_prompts(prompts, pixel_values, images_per_prompt, num_generations)
     stopped = [bool(c) and c[-1] in cfg.stop_token_ids for c in completions]
     batch = completion_batch(rows, completions, cfg.pad_token_id)
     batch.update(pixel_values=pixel_values, stopped=torch.tensor(stopped))
@@ -270,7 +271,8 @@ def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, ma
 
 
 def completion_batch(prompts, completions, pad_id):
-    """Token lists -> padded tensors (see rollout). The mask covers each completion's own tokens, stop included."""
+    """Token lists -> padded tensors (see rollout), with their attention.Packing. The completion mask covers each
+    completion's own tokens, stop included."""
     B = len(prompts)
     T = max(len(p) + len(c) for p, c in zip(prompts, completions))
     C = max(1, max(len(c) for c in completions))
@@ -285,7 +287,7 @@ def completion_batch(prompts, completions, pad_id):
         completion_mask[b, :len(c)] = 1
     return dict(input_ids=input_ids, attention_mask=attention_mask, completion_ids=completion_ids,
                 completion_mask=completion_mask, prompt_lengths=torch.tensor([len(p) for p in prompts]),
-                completions=[list(c) for c in completions])
+                completions=[list(c) for c in completions], packing=Packing.from_mask(attention_mask))
 
 
 def completion_logps(model, batch, temperature, with_entropy=False):
@@ -302,8 +304,9 @@ def completion_logps(model, batch, temperature, with_entropy=False):
     completion = batch["completion_ids"].to(device)                                 # (B, C)
     pixel_values = batch["pixel_values"]
     pixel_values = pixel_values.to(device) if pixel_values is not None and len(pixel_values) else None
+    packing = batch["packing"].to(device) if "packing" in batch else None          # made on the CPU, with the batch
     x = model.embed(ids, pixel_values)                                              # (B, T, hidden)
-    h = model.lm.hidden_states(inputs_embeds=x, attention_mask=mask)                # (B, T, hidden)
+    h = model.lm.hidden_states(inputs_embeds=x, attention_mask=mask, packing=packing)   # (B, T, hidden)
     B, T, D = h.shape
     start = batch["prompt_lengths"].to(device)[:, None] - 1                         # (B, 1)
     pos = (start + torch.arange(completion.shape[1], device=device)[None]).clamp(max=T - 1)  # (B, C)
@@ -343,11 +346,8 @@ def shared_prompt_logps(model, batch, temperature, with_entropy=False):
     h = model.lm.hidden_states(inputs_embeds=model.embed(ids, pixel_values), attention_mask=mask, cache=cache)
     h = h[torch.arange(P, device=device), lengths - 1].repeat_interleave(G, 0)[:, None]     # (B, 1, hidden)
     if C > 1:   # tokens 0..C-2 of each completion, after its prompt's cached keys: they predict tokens 1..C-1
-        cache.k = [t.repeat_interleave(G, 0) for t in cache.k]
-        cache.v = [t.repeat_interleave(G, 0) for t in cache.v]
-        cache.lengths = cache.lengths.repeat_interleave(G, 0)
         h = torch.cat([h, model.lm.hidden_states(inputs_embeds=model.lm.embed_tokens(completion[:, :-1]),
-                                                 cache=cache)], 1)              # (B, C, hidden)
+                                                 cache=cache.repeat_interleave(G))], 1)   # (B, C, hidden)
     logits = model.lm.logits(h).float() / temperature                               # (B, C, vocab)
     logps = logits.gather(-1, completion[..., None]).squeeze(-1) - logits.logsumexp(-1)   # (B, C)
     if not with_entropy:

@@ -23,9 +23,8 @@ torch.optim.Muon, scales to 0.2 lr, the RMS they measured for AdamW's updates; s
 
 The update is the same on every DDP rank (gradients are averaged first), so each rank computes it on its own.
 The Newton-Schulz products run in float32: torch.optim.Muon runs them in bfloat16, which is fast on GPUs and
-slow on CPUs without bfloat16 units (a tiny-default training step took 2.1 s with it against 0.29 s with
-float32 one matrix at a time, on a 2-core AMD EPYC; stacking same-shape matrices, as step() does, took the
-optimizer's part of the step from 74 to 54 ms).
+several times slower on CPUs without bfloat16 units (docs/experiments.md). step() orthogonalises matrices of
+the same shape as one stacked product, fewer and larger matrix products than one per matrix.
 """
 
 import torch

@@ -272,13 +272,13 @@ class NumericVLM(VLM):
         return x.masked_scatter(is_num[..., None], x[is_num] + ve)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, num_values=None,
-                n_label_tokens=None, n_numbers=None):
+                n_label_tokens=None, n_numbers=None, packing=None):
         """Without labels: {"logits", "numeric"} (the head's value at every position, (B, T)). With labels:
         {"loss" = token_ce + alpha * numeric_mse, "token_ce", "numeric_mse", "n_tokens", "n_numbers"}; the MSE
         is summed over the trained numbers and divided by n_numbers (default: this batch's count; see
         VLM.forward for why the training loop passes the global batch's)."""
         x = self.embed(input_ids, pixel_values, num_values)
-        h = self.lm.hidden_states(inputs_embeds=x, attention_mask=attention_mask)     # (B, T, C)
+        h = self.lm.hidden_states(inputs_embeds=x, attention_mask=attention_mask, packing=packing)   # (B, T, C)
         out = self.outputs(h, labels, n_label_tokens)
         if labels is None:
             out["numeric"] = self.numeric.decode(self.numeric.predict(h))              # (B, T)

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanovlm.attention import attention
+from nanovlm.attention import Packing, attention
+from nanovlm.chunked_ce import linear_cross_entropy
 from nanovlm.weights import (config_dtype, load_mapped, read_config, read_safetensors, resolve_checkpoint,
                              save_mapped)
 
@@ -111,14 +112,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, segment_ids, cache, layer):
+    def forward(self, x, cos, sin, packing=None, cache=None, layer=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)                   # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)                # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Under autocast v leaves its Linear in bf16 while the rotation by fp32 tables gives fp32 q, k: one dtype
+        # at the attention call (flash-attn needs bf16 for all three; the KV cache holds one dtype).
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         y = attention(q, k, v, causal=True, backend=self.cfg.attn_backend,
-                      segment_ids=segment_ids, cache=cache, layer=layer)            # (B, T, H, D)
+                      packing=packing, cache=cache, layer=layer)                    # (B, T, H, D)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -141,8 +144,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, segment_ids=None, cache=None, layer=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids, cache, layer)
+    def forward(self, x, cos, sin, packing=None, cache=None, layer=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, packing, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -164,46 +167,51 @@ class Qwen2(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def hidden_states(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None, cache=None):
+    def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, packing=None, cache=None):
         """Final normed hidden states (B, T, hidden).
 
         input_ids (B, T) or inputs_embeds (B, T, hidden) (the VLM splices image features into these).
-        attention_mask (B, T) bool/int: 0 = padding, otherwise the number of the sample a token belongs to --
-        1 (or True) for one sample per row, 1, 2, 3, ... for samples packed into a row (data.pack). A token sees
-        only its own sample, and positions count from 0 at each sample's first real token, so a packed row
-        computes what each sample would alone. With a cache, prompts must be right-padded (one per row) and the
-        cache advances by the real count of each row (see nanovlm/attention.py).
+        packing: where the samples of the batch are (attention.Packing, built by data.collate / data.pack on the
+        CPU): a token sees only its own sample, and positions count from 0 at each sample's first token, so a
+        packed row computes what each sample would alone. Without it, attention_mask (B, T) says the same
+        (0 = padding, 1, 2, 3, ... the samples of a row) and the Packing is built from it here, at the cost of
+        one copy to the CPU. Neither: one sequence per row.
+        cache: decode with a KVCache; prompts right-padded, one per row, attention_mask marking the real tokens
+        (the cache advances by each row's real count; see nanovlm/attention.py).
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
-        seg = None if attention_mask is None else attention_mask.long()                  # (B, T)
-        if position_ids is None:
-            if cache is not None:
-                position_ids = cache.lengths[:, None] + torch.arange(T, device=x.device)[None]
-            elif seg is not None:
-                # Distance from the first token of the run this token is in (a sample, or a stretch of padding):
-                # what each sample would get alone (RoPE scores see only differences; this keeps rounding equal).
-                t = torch.arange(T, device=x.device)[None].expand(B, T)
-                starts = torch.ones_like(seg, dtype=torch.bool)
-                starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
-                position_ids = t - torch.where(starts, t, 0).cummax(dim=1).values
-            else:
-                position_ids = torch.arange(T, device=x.device)[None].expand(B, T)   # (B, T)
-        if cache is not None and seg is not None and (((seg[:, 1:] > 0) & (seg[:, :-1] == 0)).any() or (seg > 1).any()):
-            raise ValueError("with a KV cache, prompts must be right-padded, one per row (attention_mask 1...1 0...0)")
-        segments = seg if cache is None and seg is not None and not (seg == 1).all() else None
+        if cache is not None:
+            if packing is not None or (attention_mask is not None and not Packing.from_mask(attention_mask).right_padded):
+                raise ValueError("with a KV cache, prompts must be right-padded, one per row (attention_mask 1...1 0...0)")
+            position_ids = cache.begin(T)                                            # (B, T) slots = positions
+        else:
+            if packing is None and attention_mask is not None:
+                packing = Packing.from_mask(attention_mask).to(x.device)
+            position_ids = torch.arange(T, device=x.device)[None].expand(B, T) if packing is None else \
+                packing.position_ids
+            if packing is not None and x.is_cuda:
+                packing.prepare_flex(causal=True)   # here, once per batch, outside any compiled block
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, segments, cache, i)
+            x = layer(x, cos, sin, packing, cache, i)
         if cache is not None:
-            cache.advance(T if seg is None else (seg > 0).sum(1))
+            cache.advance(T if attention_mask is None else (attention_mask > 0).sum(1))
         return self.norm(x)
 
     def logits(self, h):
         return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
 
-    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None, cache=None):
-        return self.logits(self.hidden_states(input_ids, inputs_embeds, position_ids, attention_mask, cache))
+    def head_loss(self, h, targets):
+        """The cross-entropy of the head's logits at states h (N, hidden) against targets (N,), summed, fp32,
+        without ever holding more than a chunk of the (N, vocab) logits (nanovlm/chunked_ce.py)."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if isinstance(head, (nn.Linear, nn.Embedding)):
+            return linear_cross_entropy(h, head.weight, targets)
+        return F.cross_entropy(self.logits(h).float(), targets, reduction="sum")   # a LoRA-wrapped head (lora.py)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, packing=None, cache=None):
+        return self.logits(self.hidden_states(input_ids, inputs_embeds, attention_mask, packing, cache))
 
     # ---- official checkpoints -------------------------------------------------------------------------------
 

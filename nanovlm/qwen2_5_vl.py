@@ -40,9 +40,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from nanovlm.attention import KVCache
+from nanovlm.attention import KVCache, Packing
 from nanovlm.qwen2 import Qwen2, Qwen2Config, rope_cos_sin
 from nanovlm.qwen2_5_vl_processor import image_grid, preprocess_images, smart_resize  # noqa: F401 (the API)
 from nanovlm.qwen2_5_vl_vision import PatchMerger, VisionConfig, VisionTower
@@ -235,36 +234,39 @@ class Qwen25VL(nn.Module):
         return mrope_positions(input_ids, image_grid_thw, attention_mask, self.cfg.image_token_id,
                                self.cfg.vision.spatial_merge_size)
 
-    def hidden_states(self, inputs_embeds, position_ids, attention_mask=None, cache=None):
+    def hidden_states(self, inputs_embeds, position_ids, attention_mask=None, cache=None, packing=None):
         """The decoder (nanovlm/qwen2.py's blocks) with MRoPE: (B, T, C), (3, B, T) -> final normed (B, T, C).
-        attention_mask and cache as in Qwen2.hidden_states (0 = padding, 1, 2, ... packed samples)."""
+        attention_mask, packing and cache as in Qwen2.hidden_states (0 = padding, 1, 2, ... packed samples)."""
         x, lm = inputs_embeds, self.cfg.lm
         T = x.shape[1]
-        seg = None if attention_mask is None else attention_mask.long()                   # (B, T)
-        if cache is not None and seg is not None and (((seg[:, 1:] > 0) & (seg[:, :-1] == 0)).any() or (seg > 1).any()):
-            raise ValueError("with a KV cache, prompts must be right-padded, one per row (attention_mask 1...1 0...0)")
-        segments = seg if cache is None and seg is not None and not (seg == 1).all() else None
+        if cache is not None:
+            if packing is not None or (attention_mask is not None and not Packing.from_mask(attention_mask).right_padded):
+                raise ValueError("with a KV cache, prompts must be right-padded, one per row (attention_mask 1...1 0...0)")
+            cache.begin(T)                         # the slots of the new tokens (their positions are MRoPE's)
+        elif packing is None and attention_mask is not None:
+            packing = Packing.from_mask(attention_mask).to(x.device)
+        if packing is not None and x.is_cuda:
+            packing.prepare_flex(causal=True)      # once per batch, outside any compiled block
         cos, sin = mrope_cos_sin(position_ids, lm.head_dim, lm.rope_theta, self.cfg.mrope_section, x.dtype)
         for i, layer in enumerate(self.lm.layers):
-            x = layer(x, cos, sin, segments, cache, i)
+            x = layer(x, cos, sin, packing, cache, i)
         if cache is not None:
-            cache.advance(T if seg is None else (seg > 0).sum(1))
+            cache.advance(T if attention_mask is None else (attention_mask > 0).sum(1))
         return self.lm.norm(x)
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, labels=None,
-                where=None):
+                where=None, packing=None):
         """Logits (B, T, vocab); with labels, {"loss" (mean over labelled tokens), "n_tokens"} instead, the
         logits computed only where a label is scored (as nanovlm/vlm.py)."""
         x = self.embed(input_ids, pixel_values, image_grid_thw, where)
         position_ids, _ = self.positions(input_ids, image_grid_thw, attention_mask)
-        h = self.hidden_states(x, position_ids, attention_mask)                           # (B, T, C)
+        h = self.hidden_states(x, position_ids, attention_mask, packing=packing)         # (B, T, C)
         if labels is None:
             return self.lm.logits(h)
         targets = labels[:, 1:]                                                            # (B, T-1)
         keep = targets != -100
-        logits = self.lm.logits(h[:, :-1][keep])                                           # (N, vocab)
+        loss = self.lm.head_loss(h[:, :-1][keep], targets[keep])      # never all the (N, vocab) logits at once
         n = keep.sum()
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return {"loss": loss / n.clamp(min=1), "n_tokens": n}
 
     # ---- generation ---------------------------------------------------------------------------------------
@@ -286,8 +288,11 @@ class Qwen25VL(nn.Module):
             ids[b, :len(p)] = torch.tensor(p, device=device)
             mask[b, :len(p)] = True
         lm = self.cfg.lm
+        # The cache holds k, v as attention gets them: in the autocast dtype under torch.autocast.
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+            self.lm.embed_tokens.weight.dtype
         cache = KVCache(lm.num_hidden_layers, B, T + max_new_tokens, lm.num_key_value_heads, lm.head_dim,
-                        dtype=self.lm.embed_tokens.weight.dtype, device=device)
+                        dtype=dtype, device=device)
         x = self.embed(ids, pixel_values, image_grid_thw)
         position_ids, deltas = self.positions(ids, image_grid_thw, mask)
         h = self.hidden_states(x, position_ids, mask, cache)

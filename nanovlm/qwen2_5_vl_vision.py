@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanovlm.attention import attention
+from nanovlm.attention import Packing, attention
 from nanovlm.qwen2 import RMSNorm, apply_rope
 
 
@@ -112,16 +112,15 @@ def window_order(grid_thw, merge, window):
     return torch.cat(order).to(grid_thw.device), torch.cat(lengths).to(grid_thw.device)
 
 
-def segment_attention(q, k, v, lengths, backend):
+def segment_attention(q, k, v, segments, backend):
     """Bidirectional attention within consecutive segments of a packed sequence (an image, a frame or a
-    window each). q, k, v: (N, H, D); lengths (S,) sum to N. -> (N, H, D).
+    window each). q, k, v: (N, H, D); segments: attention.Packing.from_lengths(lengths), lengths (S,) summing
+    to N, built once per forward. -> (N, H, D).
 
-    The one place the vision tower turns segment lengths (cu_seqlens = [0, cumsum(lengths)]) into attention:
-    segment ids on a batch of one. The flash backend runs them as varlen segments (nothing between segments
-    is computed); math and sdpa still build the (N, N) block-diagonal mask, until nanovlm/attention.py takes
-    cu_seqlens directly."""
-    seg = torch.repeat_interleave(torch.arange(1, len(lengths) + 1, device=q.device), lengths)   # (N,)
-    return attention(q[None], k[None], v[None], causal=False, backend=backend, segment_ids=seg[None])[0]
+    The packed sequence is a batch of one row cut into runs at cu_seqlens = [0, cumsum(lengths)]: flash-attn
+    runs them as varlen segments and flex as a block-sparse mask (nothing between segments is computed); math
+    and sdpa build the (N, N) block-diagonal mask, the reference."""
+    return attention(q[None], k[None], v[None], causal=False, backend=backend, packing=segments)[0]
 
 
 # ---- the modules -------------------------------------------------------------------------------------------
@@ -147,13 +146,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x, cos, sin, lengths):
+    def forward(self, x, cos, sin, segments):
         N, C = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.cfg.num_heads, self.cfg.head_dim).unbind(1)   # (N, H, D) each
         # The rotation in fp32 (cos, sin are fp32), as the reference does: bf16 angles blur neighbouring patches.
         q = apply_rope(q[None].float(), cos[None], sin[None])[0].to(v.dtype)
         k = apply_rope(k[None].float(), cos[None], sin[None])[0].to(v.dtype)
-        y = segment_attention(q, k, v, lengths, self.cfg.attn_backend)                    # (N, H, D)
+        y = segment_attention(q, k, v, segments, self.cfg.attn_backend)                   # (N, H, D)
         return self.proj(y.reshape(N, C))
 
 
@@ -178,8 +177,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, 1e-6)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, lengths):
-        x = x + self.attn(self.norm1(x), cos, sin, lengths)
+    def forward(self, x, cos, sin, segments):
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -220,9 +219,12 @@ class VisionTower(nn.Module):
                                              cfg.window_size // cfg.patch_size // cfg.spatial_merge_size)
         perm = (blocks[:, None] * unit + torch.arange(unit, device=blocks.device)).flatten()  # (N,)
         x, cos, sin = x[perm], cos[perm], sin[perm]
-        windows = window_blocks * unit                                                        # patches per window
-        # Images (frames) stay contiguous under the permutation, so full attention is per frame.
-        frames = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+        # The segments of the packed sequence, once for all blocks: windows, and (images (frames) stay
+        # contiguous under the permutation) whole frames for the full-attention blocks.
+        windows = Packing.from_lengths(window_blocks * unit)                                  # patches per window
+        frames = Packing.from_lengths(torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]))
+        if x.is_cuda:                              # flex's block masks, once, outside any compiled block
+            windows.prepare_flex(causal=False), frames.prepare_flex(causal=False)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, frames if i in cfg.fullatt_block_indexes else windows)
         return x[torch.argsort(perm)]                                                         # back to input order

@@ -32,4 +32,9 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p   # keep a token if the mass before it is < top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    # Inverse-CDF sampling: one uniform number per row, placed on the cumulative distribution (torch.multinomial
+    # would draw one random number per vocabulary entry: 151,936 a row for every token). side="right" never
+    # lands on a token of probability 0 (its cumulative sum equals its left neighbour's).
+    cdf = logits.softmax(-1).cumsum(-1)                                                        # (B, vocab)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)

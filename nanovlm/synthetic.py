@@ -56,7 +56,7 @@ CAPTION_PROMPTS = ["Describe the image.", "What is in this picture?", "Give a sh
 BACKGROUND = (255, 255, 255)
 TEXT_FRACTION = 0.2   # share of scenes that show a word instead of shapes
 TRAIN_TURNS = 4       # questions per training conversation about a shapes scene (validation: 1)
-PNG = dict(compress_level=1)   # lossless either way; level 1 encodes ~4x faster than the default 6, files ~10% larger
+PNG = dict(compress_level=1)   # lossless either way; encodes several times faster than the default 6
 CHART_TOPS = [10, 50, 100, 500, 1000]   # the y axis runs 0..top; top is written on the chart
 CHART_TURNS = 3       # questions per training conversation about a chart (validation: 1)
 TOKENIZER_VOCAB = 1024

@@ -26,13 +26,17 @@ import os
 import random
 import re
 import shutil
+import signal
+import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from safetensors.torch import load_model, save_model
+import torch.utils.checkpoint
+from safetensors.torch import load_model, save_file, save_model
 
 from nanovlm import weights
 from nanovlm.muon import Muon
@@ -64,7 +68,12 @@ def setup_distributed(device="auto"):
         device = f"cuda:{local_rank}"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    ddp = world_size > 1
+        # fp32 matrix products on tensor cores in TF32 (10-bit mantissa, fp32 range): what stays fp32 under bf16
+        # autocast, and whole fp32 runs, go several times faster for a rounding far below training noise.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # Under torchrun the process group starts even for one process, so `torchrun --nproc_per_node=1` runs the DDP
+    # code path a multi-GPU run takes (benchmarks/gpu_check.py measures it); a plain `python` run stays without.
+    ddp = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if ddp and not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return Dist(rank, local_rank, world_size, device, ddp)
@@ -90,10 +99,22 @@ def unwrap(model):
 
 
 def sync_context(model, sync):
-    """Gradient accumulation: DDP all-reduces gradients only on the last micro-step (sync=True)."""
+    """Gradient accumulation: DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-step
+    (sync=True); the earlier ones only accumulate locally."""
+    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def checkpoint_blocks(blocks):
+    """Activation checkpointing: each block keeps only its input for the backward pass and recomputes the rest
+    there (one more forward pass per block, ~1/3 more compute), instead of keeping every intermediate activation.
+    Done by replacing each block's forward with a checkpointed call of it, so parameter names do not change."""
+    for block in blocks:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -181,27 +202,41 @@ def set_lr(optimizer, step, max_steps, warmup_steps=0, min_lr_ratio=0.1):
     return optimizer.param_groups[0]["lr"]
 
 
-def check_finite(loss, step):
-    """Stop on a NaN/inf loss instead of training on garbage."""
+def check_finite(loss, step, samples=None):
+    """Stop on a NaN/inf loss instead of training on garbage; samples: the names of the step's samples."""
     value = float(loss)
     if not math.isfinite(value):
-        raise FloatingPointError(f"loss is {value} at step {step}: lower --lr, check the data, or try --dtype fp32")
+        named = f" (samples: {_first(samples)})" if samples else ""
+        raise FloatingPointError(f"loss is {value} at step {step}{named}: check those samples, lower --lr, "
+                                 "or try --dtype fp32")
     return value
 
 
-def check_losses(losses, step, dist):
+def check_losses(losses, step, dist, samples=None):
     """The mean over processes of the step losses logged since the last check (device tensors, read here in one
-    sync instead of one per step), after checking each is finite: a NaN names the first step that had it."""
+    sync instead of one per step), after checking each is finite: a NaN names the first step that had it and,
+    given samples (one list of sample names per step, kept beside losses), that step's samples on the process
+    whose own loss was not finite (the others say so)."""
     if not losses:
         return float("nan")
-    values = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).float()  # (n,)
+    mine = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).float()  # (n,)
+    values = mine.clone()
     if dist.ddp:
         torch_dist.all_reduce(values)
         values /= dist.world_size
-    values = values.tolist()
+    values, mine = values.tolist(), mine.tolist()
+    first = step - len(values) + 1   # the step of values[0]
     for k, v in enumerate(values):
-        check_finite(v, step - len(values) + 1 + k)
+        if not math.isfinite(v):
+            names = samples and (samples[k] if not math.isfinite(mine[k]) else ["those of another process"])
+            check_finite(v, first + k, names)
     return sum(values) / len(values)
+
+
+def _first(names, n=8):
+    """The first n names, and how many more."""
+    names = list(dict.fromkeys(names))
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def global_counts(counts, dist):
@@ -263,6 +298,41 @@ def batch_indices(step, micro_step, rank, world_size, micro_batch, accum, n_samp
     return out.tolist()
 
 
+def token_batch_indices(step, micro_step, rank, world_size, accum, lengths, seed, budget):
+    """Sample indices for one micro-batch of at most `budget` tokens (--batch-tokens), instead of a fixed count.
+
+    Each epoch's permutation (as in batch_indices) is cut, in order, into micro-batches whose lengths add up to
+    at most `budget`; the micro-batches of all epochs form one stream, and step `step` takes the next
+    accum * world_size of them, this call number micro_step * world_size + rank. A pure function of its
+    arguments, like batch_indices: resume is exact and 2 ranks read what 1 rank reads in 2 micro-steps.
+    lengths: a tuple of token counts, one per sample."""
+    k = (step * accum + micro_step) * world_size + rank
+    epoch = 0
+    while k >= _n_token_batches(lengths, seed, epoch, budget):
+        k -= _n_token_batches(lengths, seed, epoch, budget)
+        epoch += 1
+    return _token_batches(lengths, seed, epoch, budget)[k]
+
+
+@functools.lru_cache(maxsize=4)
+def _token_batches(lengths, seed, epoch, budget):
+    batches, current, used = [], [], 0
+    for i in _epoch_order(len(lengths), seed, epoch).tolist():
+        if lengths[i] > budget:
+            raise ValueError(f"a sample of {lengths[i]} tokens does not fit --batch-tokens {budget}")
+        if current and used + lengths[i] > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    return batches + [current] if current else batches
+
+
+@functools.lru_cache(maxsize=None)
+def _n_token_batches(lengths, seed, epoch, budget):
+    return len(_token_batches(lengths, seed, epoch, budget))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # RNG states
 
@@ -303,26 +373,36 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def save_checkpoint(path, model, config, *, optimizer=None, step=None, rng_states=None, extra=None, files=None):
-    """Write checkpoint directory `path`: config.json, model.safetensors, train_state.pt (if optimizer), files.
+def save_checkpoint(path, model, config, *, optimizer=None, step=None, rng_states=None, extra=None, files=None,
+                    state_dict=None, dirs=None):
+    """Write checkpoint directory `path`: config.json, model.safetensors, train_state.pt (if resumable), files.
 
     config: JSON-able dict (include "model_type"). files: {name: str contents or source Path} (vocab, tokenizer).
+    state_dict: the weights to write instead of model's own (FSDP: the full weights gathered from the shards);
+    dirs: {name: a directory already written elsewhere, moved in} (FSDP: the sharded train state, nanovlm/fsdp.py).
     Written into a temp directory beside `path`, fsynced, then swapped in with renames: the old checkpoint is
     moved aside to `.NAME.old` before the new one takes its name and is deleted only after. A crash leaves
-    either the old or the new checkpoint (load_checkpoint falls back to `.NAME.old` if `path` is missing).
+    either the old or the new checkpoint: a crash between the two renames leaves no `path`, and
+    checkpoint_dir reads, recover_checkpoint restores, the one left beside it (_interrupted_swap).
     Call on the main rank only; gather rng_states on all ranks first (gather_rng_states) when using DDP.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = path.parent / f".{path.name}.tmp", path.parent / f".{path.name}.old"
+    old, tmp = _swap_leftovers(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    save_model(unwrap(model), str(tmp / "model.safetensors"))  # handles tied weights (stored once)
-    if optimizer is not None:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_states or [rng_state()],
-                 "extra": extra or {}}
+    if state_dict is None:
+        save_model(unwrap(model), str(tmp / "model.safetensors"))  # handles tied weights (stored once)
+    else:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+    if optimizer is not None or dirs:   # a resumable checkpoint (FSDP: the optimizer's shards are in dirs)
+        state = {"step": step, "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                 "rng": rng_states or [rng_state()], "extra": extra or {}}
         torch.save(state, tmp / "train_state.pt")
+    for name, src in (dirs or {}).items():
+        os.rename(src, tmp / name)
     for name, content in (files or {}).items():
         if isinstance(content, Path):
             shutil.copyfile(content, tmp / name)
@@ -332,9 +412,10 @@ def save_checkpoint(path, model, config, *, optimizer=None, step=None, rng_state
         for f in path.iterdir():
             if f.is_file() and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     _fsync_dir(tmp)
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -344,11 +425,38 @@ def save_checkpoint(path, model, config, *, optimizer=None, step=None, rng_state
     shutil.rmtree(old, ignore_errors=True)
 
 
-def checkpoint_dir(path):
-    """The directory to read: `path`, or the old copy a crash between the two renames left behind."""
+def _swap_leftovers(path):
+    """(.NAME.old, .NAME.tmp) beside `path`."""
+    return path.parent / f".{path.name}.old", path.parent / f".{path.name}.tmp"
+
+
+def _interrupted_swap(path):
+    """The checkpoint a crash between save_checkpoint's two renames left behind, or None when `path` is whole.
+    Only that crash leaves `path` missing with `.NAME.old` beside it, and save_checkpoint writes and fsyncs
+    `.NAME.tmp` completely before the first rename, so then `.tmp` is the newer, complete checkpoint (with the
+    metrics.jsonl of every step up to it); `.old` serves if `.tmp` is gone."""
+    old, tmp = _swap_leftovers(path)
+    if path.exists() or not old.exists():
+        return None
+    return tmp if (tmp / "config.json").exists() else old
+
+
+def recover_checkpoint(path):
+    """Finish a checkpoint swap a crash interrupted (see _interrupted_swap): rename the checkpoint it left back
+    to `path`, so a resumed run continues from it and keeps its metrics.jsonl (call on the main rank only)."""
     path = Path(path)
-    if not path.exists() and (path.parent / f".{path.name}.old").exists():
-        return path.parent / f".{path.name}.old"
+    left = _interrupted_swap(path)
+    if left is not None:
+        print(f"{path}: recovered the checkpoint an interrupted save left in {left.name}")
+        os.rename(left, path)
+        _fsync_dir(path.parent)
+    return path
+
+
+def checkpoint_dir(path):
+    """The directory to read: `path`, or the checkpoint a crash between the two renames left behind."""
+    path = Path(path)
+    path = _interrupted_swap(path) or path
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path / 'config.json'})")
     return path
@@ -371,10 +479,76 @@ def load_checkpoint(path, model, optimizer=None, rank=0, device="cpu"):
     if not (path / "train_state.pt").exists():
         raise FileNotFoundError(f"{path} has no train_state.pt to resume from (use --init-from for weights only)")
     state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, IndexError) as e:   # other parameter groups: another optimizer, LoRA, head
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path / 'train_state.pt'}: its optimizer state does not fit this run's optimizer "
+                         f"({first}): resume with the flags that started the run ({path / 'args.json'})") from None
     rngs = state["rng"]
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
     return state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ctrl-C: stop at the end of a step, with a checkpoint
+
+
+class StopOnCtrlC:
+    """Turns the first Ctrl-C (SIGINT) into a flag the loop reads once per step, so it can save a checkpoint at
+    the end of the step and stop (raise Interrupted); a second Ctrl-C aborts at once. restore() gives Ctrl-C
+    back its usual meaning (after the loop).
+
+        stop = StopOnCtrlC(dist, out_dir)
+        for step in ...:
+            ...one optimizer step...
+            stopping = stop.requested()
+            if stopping or ...: save_checkpoint(...)
+            if stopping: raise Interrupted(step + 1, out_dir)
+        stop.restore()
+
+    With several processes every one must stop after the same step (saving is collective): requested() takes
+    the flag of any process (one all_reduce of one number, over a CPU gloo group, so the GPU never waits).
+    torchrun passes a Ctrl-C on to every worker and kills them after its --shutdown-timeout (30 s by default):
+    raise it when a step plus a save take longer."""
+
+    def __init__(self, dist, out_dir):
+        self.flag, self.out_dir, self.is_main = False, Path(out_dir), dist.is_main
+        self.group = torch_dist.new_group(backend="gloo") if dist.ddp else None
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:   # not the main thread (signal handlers live there): Ctrl-C keeps its usual meaning
+            self.previous = None
+
+    def _handler(self, signum, frame):
+        if self.flag:
+            ckpt = (f"the last checkpoint is in {self.out_dir}" if (self.out_dir / "config.json").exists()
+                    else "no checkpoint was saved")
+            raise KeyboardInterrupt(f"aborted by a second Ctrl-C; {ckpt}")
+        self.flag = True
+        if self.is_main:
+            print("\nCtrl-C: stopping at the end of this step, with a checkpoint (Ctrl-C again: abort at once)",
+                  file=sys.stderr, flush=True)
+
+    def requested(self):
+        if self.group is None:
+            return self.flag
+        # self.flag stays this process's own: the same Ctrl-C may reach it a moment after another's, and must
+        # not count as the second one
+        flag = torch.tensor([float(self.flag)])
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The loop stopped for a Ctrl-C after saving its checkpoint; run_cli prints it as one line (exit code 130)."""
+
+    def __init__(self, step, out_dir):
+        super().__init__(f"stopped after step {step}, checkpoint saved in {out_dir}: add --resume to continue")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -385,12 +559,18 @@ class MetricsLogger:
     """Append one JSON line per log() to out_dir/metrics.jsonl; plot(keys) draws them vs step (main rank only).
 
     On resume pass resume_step: earlier lines up to that step are kept, later ones (from the lost run) dropped.
+    wandb_project: also log every row to Weights & Biases (pip install wandb; WANDB_MODE=offline works without a
+    network); the run's id is kept in out_dir/wandb_run_id, so --resume continues the same run. wandb is imported
+    only when asked for.
     """
 
-    def __init__(self, out_dir, is_main=True, resume_step=None):
+    def __init__(self, out_dir, is_main=True, resume_step=None, wandb_project=None, config=None):
         self.is_main, self.path, self.rows = is_main, Path(out_dir) / "metrics.jsonl", []
+        self.wandb = None
         if not is_main:
             return
+        if wandb_project:
+            self.wandb = _wandb_run(wandb_project, Path(out_dir), config, resume=resume_step is not None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -405,6 +585,13 @@ class MetricsLogger:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def finish(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
     def plot(self, keys, filename, title=None, logy=False):
         """One PNG with a line per key (only rows that have that key), x = step."""
@@ -427,6 +614,36 @@ class MetricsLogger:
         fig.tight_layout()
         fig.savefig(self.path.parent / filename, dpi=100)
         plt.close(fig)
+
+
+def metrics_rows(out_dir):
+    """The number of rows in out_dir/metrics.jsonl. A checkpoint records it, so that a resume can forget the rows
+    a lost run logged after that checkpoint (trim_metrics): rows are logged at a step's index by one loop and at
+    the count of steps done by another, so their step fields alone cannot tell."""
+    path = Path(out_dir) / "metrics.jsonl"
+    return len(path.read_text().splitlines(keepends=True)) if path.exists() else 0
+
+
+def trim_metrics(out_dir, rows):
+    """Keep the first `rows` rows of out_dir/metrics.jsonl (a half-written last line goes too)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines(keepends=True)[:rows] if line.endswith("\n")]
+        path.with_suffix(".tmp").write_text("".join(lines))
+        os.replace(path.with_suffix(".tmp"), path)
+
+
+def _wandb_run(project, out_dir, config, resume):
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("--wandb needs the wandb package: pip install wandb (or pip install -e '.[wandb]')") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    id_file = out_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", dir=str(out_dir), config=config,
+                      name=out_dir.name)
 
 
 # --------------------------------------------------------------------------------------------------------------

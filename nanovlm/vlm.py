@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from nanovlm.attention import KVCache
@@ -33,6 +32,8 @@ from nanovlm.qwen2 import Qwen2, Qwen2Config
 from nanovlm.sampling import sample_next
 from nanovlm.siglip import SiglipConfig, SiglipViT
 from nanovlm.weights import config_dtype, load_mapped, read_config, read_safetensors
+
+STOP_CHECK_EVERY = 8   # generate reads 'has every row stopped?' back from a GPU once per this many tokens
 
 
 @dataclass
@@ -114,14 +115,17 @@ class VLM(nn.Module):
             x = x.masked_scatter(is_image[..., None], feats.reshape(-1, x.shape[-1]))
         return x
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, n_label_tokens=None):
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, n_label_tokens=None,
+                packing=None):
         """Without labels: {"logits" (B, T, vocab)}. With labels: {"loss", "n_tokens"}.
 
+        attention_mask (B, T): 0 = padding, 1, 2, ... the samples of a row; packing: the same, as data.collate
+        computes it for attention (positions, cu_seqlens); give either (see Qwen2.hidden_states).
         The loss is the cross-entropy summed over the labelled next tokens, divided by n_label_tokens: by
         default this batch's count (the mean), but the training loop passes the count of the whole global batch
         (all micro-batches, all processes), so that splitting a batch changes nothing but float rounding."""
         x = self.embed(input_ids, pixel_values)
-        h = self.lm.hidden_states(inputs_embeds=x, attention_mask=attention_mask)     # (B, T, C)
+        h = self.lm.hidden_states(inputs_embeds=x, attention_mask=attention_mask, packing=packing)   # (B, T, C)
         return self.outputs(h, labels, n_label_tokens)
 
     def outputs(self, h, labels=None, n_label_tokens=None):
@@ -131,8 +135,7 @@ class VLM(nn.Module):
         # Position t predicts token t+1: score only positions whose next token is labelled.
         targets = labels[:, 1:]                                                        # (B, T-1)
         keep = targets != -100
-        logits = self.lm.logits(h[:, :-1][keep])                                       # (N, vocab)
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        loss = self.lm.head_loss(h[:, :-1][keep], targets[keep])      # never all the (N, vocab) logits at once
         n = keep.sum()
         denominator = n.clamp(min=1) if n_label_tokens is None else n_label_tokens
         return {"loss": loss / denominator, "n_tokens": n}
@@ -146,54 +149,106 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, pixel_values=None, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
-                 repetition_penalty=1.0, generator=None, on_token=None, include_stop=False, **embed_kw):
+                 repetition_penalty=1.0, generator=None, on_token=None, include_stop=False, num_samples=1,
+                 compile=False, **embed_kw):
         """Sample continuations of a batch of prompts together, with a KV cache.
 
         prompts: list of token-id lists (lengths may differ; images as image-pad tokens, in order across the
         batch matching pixel_values). temperature 0 = greedy. Stops a row at any of cfg.stop_token_ids
         (the stop token is returned only with include_stop=True). on_token(row, token_id) is called as tokens
         are chosen (streaming). embed_kw goes to embed() with the prompts (NumericVLM: num_values).
-        Returns a list of new-token lists, one per prompt.
+        num_samples: continue each prompt that many times (rows p0, p0, ..., p1, p1, ...: GRPO's groups); the
+        prompts and their images go through the model once, then their cache is copied.
+        compile: run the decode step through torch.compile (on CUDA with CUDA graphs); it is compiled on the
+        first call and reused while the shapes stay the same.
+        Returns a list of new-token lists, one per prompt (per sample: len(prompts) * num_samples lists).
+
+        The loop keeps the device busy: each step samples from the logits, records the token into a tensor,
+        and feeds it back, with nothing read back to the host except (on GPUs) whether every row has stopped,
+        once every STOP_CHECK_EVERY tokens, and the tokens themselves when streaming.
         """
         device = self.lm.embed_tokens.weight.device
         B, T = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, T), self.cfg.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+        ids = torch.full((B, T), self.cfg.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.bool)
         for b, p in enumerate(prompts):            # right padding: the cache keeps each row's length
-            ids[b, :len(p)] = torch.tensor(p, device=device)
+            ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
             mask[b, :len(p)] = True
+        ids, mask, last = ids.to(device), mask.to(device), torch.tensor([len(p) - 1 for p in prompts], device=device)
         lm = self.lm.cfg
-        cache = KVCache(lm.num_hidden_layers, B, T + max_new_tokens, lm.num_key_value_heads, lm.head_dim,
-                        dtype=self.lm.embed_tokens.weight.dtype, device=device)
+        # The cache holds k, v as attention gets them: in the autocast dtype under torch.autocast.
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+            self.lm.embed_tokens.weight.dtype
+        size = -(-(T + max_new_tokens) // 64) * 64   # rounded up: fewer distinct shapes for a compiled step
+        cache = KVCache(lm.num_hidden_layers, B, size, lm.num_key_value_heads, lm.head_dim, dtype, device)
         x = self.embed(ids, pixel_values, **embed_kw)
         h = self.lm.hidden_states(inputs_embeds=x, attention_mask=mask, cache=cache)           # (B, T, C)
-        h = h[torch.arange(B, device=device), mask.sum(1) - 1]                               # (B, C) last real
-        seen = ids.masked_fill(~mask, -1)                     # tokens for the repetition penalty
-        out = [[] for _ in range(B)]
+        h = h[torch.arange(B, device=device), last]                                           # (B, C) last real
+        if num_samples > 1:
+            cache = cache.repeat_interleave(num_samples)
+            h, ids, mask = (t.repeat_interleave(num_samples, 0) for t in (h, ids, mask))
+            B *= num_samples
+        logits = self.next_logits(h)                                                          # (B, vocab)
+        seen = None
+        if repetition_penalty != 1.0:   # the tokens each row has seen so far; -1 = none yet
+            seen = torch.cat([ids.masked_fill(~mask, -1), ids.new_full((B, max_new_tokens), -1)], 1)
+        tokens = torch.full((B, max_new_tokens), self.cfg.pad_token_id, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         stops = torch.tensor(self.cfg.stop_token_ids, device=device)
-        for _ in range(max_new_tokens):
-            logits = self.lm.logits(h)                                                           # (B, vocab)
-            # An image-pad token is never an output: images come from pixels, and a sampled one would leave
-            # the text with an image too few.
-            logits[:, self.cfg.image_token_id] = float("-inf")
+        step = self.compiled_decode_step(cache) if compile else self.decode_step
+        # On the CPU reading a flag costs nothing; on a GPU it waits for the queue to drain.
+        check_every = 1 if device.type == "cpu" else STOP_CHECK_EVERY
+        for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)  # (B,)
-            stopping = torch.isin(nxt, stops) & ~done
-            if include_stop:   # the row's stop token is part of its output (GRPO trains it: learning to stop)
-                for b in stopping.nonzero().flatten().tolist():
-                    out[b].append(int(nxt[b]))
-            done |= stopping
-            for b in (~done).nonzero().flatten().tolist():
-                out[b].append(int(nxt[b]))
-                if on_token is not None:
-                    on_token(b, int(nxt[b]))
-            if done.all():
+            tokens[:, i] = nxt                   # stops too: each row is cut at its first stop at the end
+            done |= torch.isin(nxt, stops)
+            if on_token is not None:             # streaming: the rows still going, without their stop token
+                for b, (t, d) in enumerate(zip(nxt.tolist(), done.tolist())):
+                    if not d:
+                        on_token(b, t)
+            nxt = nxt.masked_fill(done, self.cfg.pad_token_id)   # finished rows run along, their output ignored
+            x = self.step_embed(nxt, h)                                                        # (B, 1, C)
+            if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(done.all())):
                 break
-            seen = torch.cat([seen, nxt[:, None]], 1)
-            nxt = nxt.masked_fill(done, self.cfg.pad_token_id)  # finished rows run along, their output ignored
-            x = self.step_embed(nxt, h)                                                          # (B, 1, C)
-            h = self.lm.hidden_states(inputs_embeds=x, cache=cache)[:, -1]                      # (B, C)
+            if seen is not None:
+                seen[:, T + i] = nxt
+            h, logits = step(x, cache)                                                        # (B, C), (B, vocab)
+        stop_ids, out = set(self.cfg.stop_token_ids), []
+        for row in tokens[:, :i + 1].tolist():
+            end = next((j for j, t in enumerate(row) if t in stop_ids), None)
+            out.append(row if end is None else row[:end + include_stop])
         return out
+
+    def next_logits(self, h):
+        """(B, C) -> fp32 logits (B, vocab) of the next token. An image-pad token is never an output: images come
+        from pixels, and a sampled one would leave the text with an image too few."""
+        logits = self.lm.logits(h).float()
+        logits[:, self.cfg.image_token_id] = float("-inf")
+        return logits
+
+    def decode_step(self, x, cache):
+        """One token per row through the LM with the cache: x (B, 1, C) -> (states (B, C), logits (B, vocab)).
+        Same shapes every step and no host reads: torch.compile can capture it whole."""
+        h = self.lm.hidden_states(inputs_embeds=x, cache=cache)[:, -1]
+        return h, self.next_logits(h)
+
+    def compiled_decode_step(self, cache):
+        """decode_step through torch.compile, built once per model. On CUDA, CUDA graphs replay the whole step
+        as one launch; the cache's tensors are marked static so the graph may write into them in place."""
+        on_cuda = cache.lengths.device.type == "cuda"
+        if on_cuda:
+            for t in cache.k + cache.v + [cache.lengths]:
+                torch._dynamo.mark_static_address(t)
+        if getattr(self, "_compiled_step", None) is None:
+            self._compiled_step = torch.compile(self.decode_step, fullgraph=True,
+                                                mode="reduce-overhead" if on_cuda else None)
+        if not on_cuda:
+            return self._compiled_step
+
+        def step(x, cache):   # a new replay may overwrite the last one's outputs: generate is done with them
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._compiled_step(x, cache)
+        return step
 
     def step_embed(self, nxt, h):
         """The input embedding of the token just chosen, nxt (B,), by the states h (B, C): (B, 1, C). A hook:

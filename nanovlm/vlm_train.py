@@ -23,10 +23,15 @@ chose it): docs/experiments.md.
 import argparse
 import functools
 import json
+import math
+import os
+import signal
+import sys
+from pathlib import Path
 
 import torch
 
-from nanovlm import lora
+from nanovlm import fsdp, lora
 from nanovlm import train_utils as tu
 from nanovlm.data import VLMDataset, collate, load_data, pack
 from nanovlm.numeric import NumericConfig, NumericVLM
@@ -59,18 +64,24 @@ PRESETS = {
                      lr_projector=0.0, lr_lm=1e-4, max_new_tokens=24, num_generations=8, reward_funcs=["ocr"],
                      out_dir="out/grpo"),
     },
+    # 16k tokens per micro-batch and GPU: the 0.5B LM's AdamW state is ~8 GB and its bf16 activations ~1.2 MB a
+    # token (24 layers), ~20 GB at 16k tokens, so an 80 GB GPU has room to spare (benchmarks/gpu_check.py measures
+    # the peak). On 8 GPUs a step is ~130k tokens, about a LLaVA global batch of 128 conversations.
     "qwen2.5-0.5b-siglip": {
         "common": dict(lm="Qwen/Qwen2.5-0.5B-Instruct", vision="google/siglip-base-patch16-224", image_size=224,
-                       max_length=1024, pack=True, batch_size=8, grad_accum=4, warmup_steps=100, weight_decay=0.0,
+                       max_length=1024, pack=True, batch_size=8, grad_accum=1, warmup_steps=100, weight_decay=0.0,
                        eval_every=500, save_every=1000, system=DEFAULT_SYSTEM, optimizer="adamw",
                        min_lr_ratio=0.1),
-        "pretrain": dict(max_steps=5000, lr_vision=0.0, lr_projector=1e-3, lr_lm=0.0, out_dir="out/pretrain"),
-        "sft": dict(max_steps=5000, lr_vision=0.0, lr_projector=1e-4, lr_lm=2e-5, out_dir="out/sft"),
+        "pretrain": dict(max_steps=5000, batch_tokens=16384, lr_vision=0.0, lr_projector=1e-3, lr_lm=0.0,
+                         out_dir="out/pretrain"),
+        "sft": dict(max_steps=5000, batch_tokens=16384, lr_vision=0.0, lr_projector=1e-4, lr_lm=2e-5,
+                    out_dir="out/sft"),
         "grpo": dict(max_steps=1000, batch_size=4, grad_accum=1, warmup_steps=20, save_every=100, lr_vision=0.0,
                      lr_projector=0.0, lr_lm=1e-6, max_new_tokens=256, num_generations=8,
                      reward_funcs=["ocr", "format"], out_dir="out/grpo"),
     },
 }
+NUMERIC_DEFAULTS = dict(numeric_hidden=512, numeric_transform="symlog")   # a new numeric head (--numeric)
 # The tiny model: ~2M parameters; 96x96 images, 16x16 patches -> 6x6 patches -> pixel shuffle 2 -> 3x3 = 9 image
 # tokens, one per cell of the synthetic scenes' 3x3 grid (so no cell is split across tokens).
 TINY_LM = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -113,6 +124,8 @@ def build_parser(doc, stage):
     a = p.add_argument_group("optimisation").add_argument
     a("--max-steps", type=int)
     a("--batch-size", type=int, help="samples per micro-batch per process")
+    a("--batch-tokens", type=int, help="instead of --batch-size: as many samples per micro-batch as fit this many "
+      "tokens (packed into rows of --max-length), so a micro-batch fills the GPU whatever the sample lengths")
     a("--grad-accum", type=int, help="micro-batches per optimizer step")
     a("--optimizer", choices=["adamw", "muon"], help="muon: Muon for the linear layers' weight matrices, AdamW "
       "for the rest (muon.py); adamw: AdamW for everything")
@@ -123,6 +136,12 @@ def build_parser(doc, stage):
     a("--warmup-steps", type=int)
     a("--min-lr-ratio", type=float, help="after warmup, a cosine takes each learning rate down to lr x this")
     a("--grad-clip", type=float, default=1.0)
+    a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the processes "
+      "(FSDP2, fsdp.py) instead of replicating the model (DDP): for models whose replicas do not fit; AdamW only")
+    a("--compile", action="store_true", help="torch.compile each LM and ViT block (fused kernels; the first "
+      "steps are slow while it compiles)")
+    a("--grad-checkpointing", action="store_true", help="recompute each LM and ViT block's activations in the "
+      "backward pass instead of keeping them: less memory, ~1/3 more compute")
 
     a = p.add_argument_group("LoRA (lora.py)").add_argument
     a("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: off, train the weights themselves)")
@@ -135,8 +154,8 @@ def build_parser(doc, stage):
       "checkpoint with a head keeps it")
     a("--numeric-loss-weight", type=float, default=1.0, help="alpha in loss = token_ce + alpha * numeric_mse")
     a("--numeric-lr", type=float, default=1e-4, help="learning rate of the value embedding and regression head")
-    a("--numeric-hidden", type=int, default=512, help="width of the value-embedding MLP (1 -> N -> hidden)")
-    a("--numeric-transform", default="symlog", choices=["symlog", "identity"], help="space values are regressed in")
+    a("--numeric-hidden", type=int, help="width of the value-embedding MLP (1 -> N -> hidden; default 512)")
+    a("--numeric-transform", choices=["symlog", "identity"], help="space values are regressed in (default symlog)")
 
     a = p.add_argument_group("runtime").add_argument
     a("--log-every", type=int, default=10, help="log metrics (and check the loss is finite) every N steps")
@@ -147,18 +166,24 @@ def build_parser(doc, stage):
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on GPU)")
     a("--num-workers", type=int, default=-1, help="DataLoader workers (-1: 0 on CPU, 4 on GPU)")
     a("--seed", type=int, default=0)
+    a("--wandb", metavar="PROJECT", help="also log metrics to this Weights & Biases project (pip install wandb; "
+      "WANDB_MODE=offline to log without a network)")
     a("--stop-at-step", type=int, help=argparse.SUPPRESS)   # tests: stop with a checkpoint, as if interrupted
     return p
 
 
 def resolve_args(args):
-    """Fill every flag left unset from the preset (common values, then the stage's)."""
+    """Fill every flag left unset from the preset (common values, then the stage's), then check the values."""
     preset = PRESETS[args.preset]
     if args.patch_size is not None and "patch_size" not in preset["common"]:
         raise SystemExit(f"--patch-size is for the tiny preset; --preset {args.preset} uses its vision tower's own")
-    for key, value in {**preset["common"], **preset[args.stage]}.items():
+    # the flags typed on the command line, among those that default to None or False (_check_init_from's do)
+    given = {key for key, value in vars(args).items() if value not in (None, False)}
+    for key, value in {**NUMERIC_DEFAULTS, **preset["common"], **preset[args.stage]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if "batch_size" in given and "batch_tokens" not in given:
+        args.batch_tokens = None   # an explicit --batch-size wins over the preset's token budget
     if args.data_dir:  # the synthetic dataset's files live wherever --data-dir puts them
         data = [args.data] if isinstance(args.data, str) else args.data or []
         args.data = [d.format(data_dir=args.data_dir) for d in data] or None
@@ -167,6 +192,14 @@ def resolve_args(args):
         args.system = None
     if args.data is None:
         raise SystemExit(f"--data is required with --preset {args.preset} (e.g. --data llava.json --image-root images/)")
+    _check_args(args)
+    if args.init_from:
+        _check_init_from(args, given)
+    if getattr(args, "fsdp", False):
+        _check_fsdp(args)
+    if getattr(args, "batch_tokens", None) is not None and args.batch_tokens < args.max_length:
+        raise SystemExit(f"--batch-tokens {args.batch_tokens} < --max-length {args.max_length}: a longest sample "
+                         "would not fit a micro-batch")
     return args
 
 
@@ -193,6 +226,7 @@ def build_model(args, dist):
         torch.manual_seed(args.seed)
         model = VLM(cfg)
     else:
+        fetch_once_per_machine([args.lm, args.vision], dist)
         tok = Tokenizer.from_dir(resolve_checkpoint(args.lm))
         model = VLM.from_backbones(args.lm, args.vision, ProjectorConfig(shuffle_factor=2, slot_embedding=args.slot_embedding),
                                    image_token_id=tok.image_pad, stop_token_ids=(tok.im_end, tok.endoftext),
@@ -207,6 +241,16 @@ def build_model(args, dist):
     return model, tok
 
 
+def fetch_once_per_machine(checkpoints, dist):
+    """Hub downloads happen once per machine: its first process (local rank 0) fetches every hub id into the hub
+    cache while the machine's other processes wait, then all read the cached files. (8 processes downloading the
+    same files at once would be 8 downloads racing into one cache.) Local directories are left as they are."""
+    if dist.local_rank == 0:
+        for c in checkpoints:
+            resolve_checkpoint(c)
+    tu.barrier()
+
+
 def datasets(args, model, tok, verbose=True):
     """(training set, validation set or None), tokenized with the model's image size and chat template, every
     sample checked up front (data.py); verbose: print one summary line per data file (the main process)."""
@@ -219,15 +263,24 @@ def datasets(args, model, tok, verbose=True):
     return train_set, val_set
 
 
-def make_vlm_optimizer(model, args):
-    """AdamW, or Muon + AdamW (--optimizer muon), with one learning rate per part (0 freezes the part). With LoRA
-    (--lora-rank) the adapters are added first and train at their part's rate; the rest of an adapted part is
-    frozen (see lora.py)."""
+def setup_trainable(model, args):
+    """Decide what trains, before any wrapping (DDP registers hooks, FSDP shards, only what trains): with LoRA
+    (--lora-rank) add the adapters, which then train at their part's rate while the rest of an adapted part is
+    frozen (lora.py); freeze every part whose learning rate is 0."""
     if args.lora_rank:
         for part in {t.split(".")[0] for t in args.lora_targets}:
             if getattr(args, f"lr_{part}", None) == 0:
                 raise SystemExit(f"--lora-targets adapts {part!r} but --lr-{part} is 0: give it a learning rate")
         lora.apply_lora(model, args.lora_targets, args.lora_rank, args.lora_alpha, seed=args.seed)
+    for part in ("vision", "projector", "lm"):
+        if getattr(args, f"lr_{part}") == 0:
+            getattr(model, part).requires_grad_(False)
+    return model
+
+
+def make_vlm_optimizer(model, args):
+    """AdamW, or Muon + AdamW (--optimizer muon), with one learning rate per part (0 freezes the part). Call
+    setup_trainable first, and under FSDP after sharding (the optimizer must hold the sharded parameters)."""
     # Muon (muon.py) for the weight matrices of every linear layer; the embeddings, the output head, the patch
     # convolution, norms and biases (and the numeric head) stay on AdamW, as in modded-nanogpt and nanochat.
     matrices = [m.weight for part in (model.vision, model.projector, model.lm) for name, m in part.named_modules()
@@ -309,30 +362,60 @@ def sample_lengths(attention_mask):
 
 
 def save_vlm_checkpoint(out_dir, model, tok, opt, step, args, dist):
-    """Atomic checkpoint (call on every rank: the RNG states are gathered). With LoRA, model.safetensors holds
-    the merged weights (a plain VLM checkpoint) and train_state.pt the adapters, for an exact --resume."""
+    """Atomic checkpoint (call on every process: the RNG states are gathered, FSDP's shards written by each).
+    With LoRA, model.safetensors holds the merged weights (a plain VLM checkpoint) and train_state.pt the
+    adapters, for an exact --resume. args.json records the flags that started the run (and its world size and
+    device type); a resumed run keeps it (check_resume compares against it)."""
     model = tu.unwrap(model)
     rngs = tu.gather_rng_states()
+    files = {"tokenizer.json": tok.tok.to_str()}
+    if not (args.resume and (Path(out_dir) / "args.json").exists()):
+        files["args.json"] = json.dumps(run_record(args, dist), indent=2)
+    if fsdp.is_sharded(model):
+        extra = {"metrics_rows": tu.metrics_rows(out_dir) if dist.is_main else None}
+        fsdp.save(out_dir, model, opt, model.cfg.to_dict(), step, files, rng_states=rngs, extra=extra)
+        return
     if dist.is_main:
         extra = lora.save_extra(model)   # the adapters, taken before merged() swaps them out
+        extra["metrics_rows"] = tu.metrics_rows(out_dir)   # what a resume keeps of metrics.jsonl (check_resume)
         with lora.merged(model):
             tu.save_checkpoint(out_dir, model, model.cfg.to_dict(), optimizer=opt, step=step, rng_states=rngs,
-                               extra=extra,
-                               files={"tokenizer.json": tok.tok.to_str(), "args.json": json.dumps(vars(args), indent=2)})
+                               extra=extra, files=files)
     tu.barrier()
 
 
+def resume(out_dir, model, opt, dist):
+    """Load --out-dir's checkpoint into the model and optimizer (and this process's RNG state); returns the train
+    state ({"step", ...}). Three layouts: FSDP shards, LoRA (merged weights + adapters), plain."""
+    if fsdp.is_sharded(model):
+        return fsdp.load(out_dir, model, opt, dist.rank)
+    if lora.has_lora(model):   # model.safetensors holds merged weights; the adapters are in train_state.pt
+        return lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
+    return tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
+
+
+def run_record(args, dist):
+    """What args.json holds: every flag, and the two facts of the run that change its numerics but are no flag."""
+    return {**vars(args), "world_size": dist.world_size, "device_type": torch.device(dist.device).type}
+
+
 def batches(dataset, args, dist, start_step, pad_id):
-    """A DataLoader whose batch order is train_utils.batch_indices: exact on resume, DDP == accumulation."""
-    lengths = tuple(dataset.lengths) if args.group_by_length else None
+    """A DataLoader whose batch order is train_utils.batch_indices (or token_batch_indices with --batch-tokens):
+    exact on resume, DDP == accumulation."""
+    lengths = tuple(dataset.lengths)
     def order():
         for step in range(start_step, args.max_steps):
             for micro in range(args.grad_accum):
-                yield tu.batch_indices(step, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
-                                       len(dataset), args.seed, lengths)
+                if args.batch_tokens:
+                    yield tu.token_batch_indices(step, micro, dist.rank, dist.world_size, args.grad_accum, lengths,
+                                                 args.seed, args.batch_tokens)
+                else:
+                    yield tu.batch_indices(step, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
+                                           len(dataset), args.seed, lengths if args.group_by_length else None)
     workers = args.num_workers if args.num_workers >= 0 else (4 if "cuda" in str(dist.device) else 0)
     return torch.utils.data.DataLoader(dataset, batch_sampler=list(order()), num_workers=workers,
-                                       collate_fn=batch_maker(args, pad_id), pin_memory="cuda" in str(dist.device))
+                                       collate_fn=batch_maker(args, pad_id), pin_memory="cuda" in str(dist.device),
+                                       worker_init_fn=_ignore_ctrl_c)
 
 
 def batch_maker(args, pad_id):
@@ -354,14 +437,151 @@ def evaluate_loss(model, dataset, args, dist, pad_id, ctx):
     make_batch = batch_maker(args, pad_id)
     total, count = 0.0, 0
     n = min(len(dataset), args.eval_samples)
-    for i in range(dist.rank * args.batch_size, n, args.batch_size * dist.world_size):
-        b = to_device(make_batch([dataset[j] for j in range(i, min(i + args.batch_size, n))]), dist.device)
+    starts = list(range(dist.rank * args.batch_size, n, args.batch_size * dist.world_size))
+    if fsdp.is_sharded(model):   # every process must run as many forward passes (each all-gathers weights)
+        n_batches = -(-n // (args.batch_size * dist.world_size))
+        starts += [None] * (n_batches - len(starts))
+    for i in starts:
+        first = 0 if i is None else i   # a process with no samples left repeats one batch and ignores it
+        b = to_device(make_batch([dataset[j] for j in range(first, min(first + args.batch_size, n))]), dist.device)
         with ctx:
             out = tu.unwrap(model)(**b)
-        total += float(out["loss"]) * int(out["n_tokens"])
-        count += int(out["n_tokens"])
+        if i is not None:
+            total += float(out["loss"]) * int(out["n_tokens"])
+            count += int(out["n_tokens"])
     stats = torch.tensor([total, count], dtype=torch.float64, device=dist.device)
     if dist.ddp:
         torch.distributed.all_reduce(stats)
     model.train()
     return float(stats[0] / stats[1].clamp(min=1))
+
+
+# ---- checks of the flags, of --resume and --init-from against the checkpoint (one line each, naming the flag) --
+
+
+# Flags a --resume may change: they decide when to stop, log, evaluate and save, how batches are loaded, where
+# metrics go and whether activations are recomputed, never what a step computes. Every other flag must match the run's args.json (check_resume). --max-steps also
+# stretches the cosine schedule from the resume step on (said when it changes). --device may change only where
+# it names the same kind of device (auto and cuda on a GPU machine): args.json's device_type is compared.
+RESUME_MAY_CHANGE = ("max_steps", "log_every", "eval_every", "eval_samples", "eval_answers", "save_every",
+                     "num_workers", "device", "wandb", "grad_checkpointing")
+NOT_COMPARED = ("out_dir", "resume", "stop_at_step")   # where the run is (spelt any way), that it resumes, tests
+
+
+def check_resume(args, dist):
+    """--resume, before anything is built: finish a checkpoint swap a crash interrupted (train_utils.
+    recover_checkpoint); refuse flags that differ from the run's args.json (all but RESUME_MAY_CHANGE), listing
+    them; refuse a checkpoint past --max-steps, and say so when it is at it; forget the metrics.jsonl rows logged
+    after the checkpoint (the steps that are run again). The flags that did change are printed and appended to
+    resumes.jsonl; args.json keeps the flags that started the run."""
+    out_dir = Path(args.out_dir)
+    if dist.is_main:
+        tu.recover_checkpoint(out_dir)
+    tu.barrier()
+    ckpt = tu.checkpoint_dir(out_dir)   # "no checkpoint at ..." when there is nothing to resume
+    changed = _check_resume_flags(args, dist, ckpt)
+    state = torch.load(ckpt / "train_state.pt", map_location="cpu", mmap=True, weights_only=False)
+    step = state["step"]
+    if step > args.max_steps:
+        raise ValueError(f"--resume: the checkpoint in {ckpt} is at step {step}, past --max-steps {args.max_steps}")
+    if not dist.is_main:
+        return
+    if "metrics_rows" in state.get("extra", {}):   # the rows a lost run logged after the checkpoint go
+        tu.trim_metrics(out_dir, state["extra"]["metrics_rows"])
+    if step == args.max_steps:
+        print(f"--resume: the checkpoint in {ckpt} is already at --max-steps {step}: nothing to train "
+              "(raise --max-steps to train on)")
+    if changed:
+        print(f"--resume from step {step}: " + ", ".join(f"{_name(k)} {a} -> {b}" for k, (a, b) in changed.items())
+              + (" (the learning-rate schedule now ends at the new --max-steps)" if "max_steps" in changed else ""))
+        with open(out_dir / "resumes.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "changed": changed}) + "\n")
+
+
+def _check_resume_flags(args, dist, ckpt):
+    """{flag: (saved, now)} for the flags that changed since the run started, all in RESUME_MAY_CHANGE, or a
+    ValueError listing those that may not change."""
+    if not (ckpt / "args.json").exists():
+        if dist.is_main:
+            print(f"{ckpt}: no args.json, the flags of this --resume are not checked against the run's")
+        return {}
+    saved = json.loads((ckpt / "args.json").read_text())
+    now = json.loads(json.dumps(run_record(args, dist)))   # as JSON reads it back: tuples are lists
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k] and k not in NOT_COMPARED}
+    refused = [f"{_name(k)} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in RESUME_MAY_CHANGE]
+    if refused:
+        raise ValueError(f"--resume: {', '.join(refused)} differ from the run in {ckpt} (args.json); only "
+                         f"{', '.join(map(_name, RESUME_MAY_CHANGE))} may change on resume: use the run's flags, or "
+                         "start a new run in another --out-dir (--init-from for its weights)")
+    return changed
+
+
+def _name(key):
+    """A flag's name as typed (max_steps -> --max-steps); the two facts args.json adds in words."""
+    return {"world_size": "the number of processes", "device_type": "the device type"}.get(
+        key, "--" + key.replace("_", "-"))
+
+
+def _check_args(args):
+    """Flag values that cannot work, refused before anything is built (each used to fail deep inside, or not at
+    all: --batch-size 0 as "max() arg is an empty sequence", --max-steps 0 as a run that silently did nothing)."""
+    at_least_one = ("max_steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_every", "save_every",
+                    "eval_samples", "n_synthetic", "image_size", "patch_size", "numeric_hidden")
+    for key in at_least_one:
+        value = getattr(args, key, None)
+        if value is not None and value < 1:
+            raise ValueError(f"{_name(key)} {value}: must be at least 1")
+    not_negative = ("lr_vision", "lr_projector", "lr_lm", "numeric_lr", "weight_decay", "warmup_steps", "lora_rank",
+                    "numeric_loss_weight", "eval_answers")
+    for key in not_negative:
+        value = getattr(args, key, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{_name(key)} {value}: must be a finite number >= 0")
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise ValueError(f"--min-lr-ratio {args.min_lr_ratio}: must be between 0 and 1")
+    if not (math.isfinite(args.grad_clip) and args.grad_clip > 0):
+        raise ValueError(f"--grad-clip {args.grad_clip}: must be > 0 (a huge value such as 1e9 clips nothing)")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise ValueError(f"--lora-alpha {args.lora_alpha}: must be > 0")
+    if args.num_workers < -1:
+        raise ValueError(f"--num-workers {args.num_workers}: must be >= 0 (or -1: 0 on CPU, 4 on GPU)")
+    out_dir = Path(args.out_dir)
+    blocked = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ValueError(f"--out-dir {out_dir}: {blocked} is a file, not a directory")
+
+
+def _check_init_from(args, given):
+    """--init-from loads the model as it was trained: the flags that shape a new one (image size, patches,
+    projector, numeric head) cannot change it. Given on the command line with another value than the checkpoint
+    has, they are refused, saying which and what it has; --lm/--vision (the backbones of a new model, which the
+    checkpoint does not record) get a warning that they are ignored."""
+    ckpt = tu.checkpoint_dir(args.init_from)
+    cfg = tu.read_config(ckpt)
+    decided = {"image_size": cfg.get("image_size") or cfg["vision"]["image_size"],
+               "patch_size": cfg["vision"]["patch_size"], "slot_embedding": cfg["projector"].get("slot_embedding")}
+    if cfg.get("numeric"):   # a checkpoint without a head gets a new one (--numeric): these flags shape it
+        decided.update(numeric_hidden=cfg["numeric"]["hidden"], numeric_transform=cfg["numeric"]["transform"])
+    ignored = sorted(given & {"lm", "vision"})   # the backbones a new model would be built from
+    if ignored and os.environ.get("RANK", "0") == "0":
+        print(f"warning: --init-from {ckpt} holds the model: {', '.join(map(_name, ignored))} ignored", file=sys.stderr)
+    clash = [f"{_name(k)} {getattr(args, k)!r} (it has {v!r})" for k, v in decided.items()
+             if k in given and getattr(args, k) != v]
+    if clash:
+        raise ValueError(f"--init-from {ckpt} decides the model, but {', '.join(clash)}: drop the flag(s), or "
+                         "train a new model without --init-from")
+
+
+def _ignore_ctrl_c(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which finishes its step and saves (StopOnCtrlC);
+    a worker killed by it would fail the loader mid-step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _check_fsdp(args):
+    if args.optimizer == "muon":
+        raise SystemExit("--fsdp shards every weight matrix, and Muon needs whole matrices: use --optimizer adamw")
+    if args.lora_rank:
+        raise SystemExit("--fsdp with --lora-rank: LoRA trains few parameters and fits DDP; drop --fsdp")
+    if args.dtype == "fp16":
+        raise SystemExit("--fsdp computes in bf16 (or fp32): fp16 would need a sharded loss scaler; use --dtype bf16")

@@ -38,6 +38,7 @@ def test_bench_packing_runs_and_checks_it_computes_the_same(tmp_path, monkeypatc
     gradients -- shown by breaking packing's attention mask (samples sharing a row then see each other)."""
     import bench_packing
     from nanovlm import data
+    from nanovlm.attention import Packing
     argv = ["--data-dir", str(tmp_path / "data"), "--n-synthetic", "40", "--batches", "1", "--batch-size", "8",
             "--threads", "1"]
     assert bench_packing.main(argv) > 0
@@ -45,7 +46,23 @@ def test_bench_packing_runs_and_checks_it_computes_the_same(tmp_path, monkeypatc
     def leaky(batch, rows, pad_id):   # every sample of a row numbered 1: one long sample, no block-diagonal mask
         out = fill(batch, rows, pad_id)
         out["attention_mask"] = (out["attention_mask"] > 0).long()
+        out["packing"] = Packing.from_mask(out["attention_mask"])
         return out
     monkeypatch.setattr(data, "_fill_rows", leaky)
     with pytest.raises(SystemExit, match="not comparable"):
         bench_packing.main(argv)
+
+
+def test_bench_rollout_runs_and_checks_the_sides_agree():
+    """At a tiny budget: the baseline of commit e8488d6 (from git history; skipped in a clone without it) and
+    transformers decode the same greedy tokens as ours before anything is timed, and every ratio comes out."""
+    import subprocess
+    import bench_rollout
+    has_history = subprocess.run(["git", "cat-file", "-e", f"{bench_rollout.BASELINE}^{{commit}}"],
+                                 cwd=bench_rollout.Path(bench_rollout.__file__).parents[1]).returncode == 0
+    rows = bench_rollout.main(["--prompts", "2", "--samples", "2", "--new-tokens", "3", "--repeats", "1",
+                               "--warmup", "0", "--threads", "1"] + ([] if has_history else ["--skip", "e8488d6"]))
+    labels = [r[0] for r in rows]
+    assert "lm-only: ours vs transformers" in labels
+    assert ("rollout: ours vs e8488d6" in labels) == has_history
+    assert all(r[3] > 0 and r[4] > 0 for r in rows)

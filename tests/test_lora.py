@@ -14,7 +14,7 @@ from nanovlm.projector import ProjectorConfig
 from nanovlm.qwen2 import Qwen2Config
 from nanovlm.siglip import SiglipConfig
 from nanovlm.vlm import VLM, VLMConfig
-from nanovlm.vlm_train import make_vlm_optimizer
+from nanovlm.vlm_train import make_vlm_optimizer, setup_trainable
 
 
 def tiny_vlm(seed=0):
@@ -109,7 +109,7 @@ def test_only_adapters_train(optimizer):
     model = tiny_vlm().train()
     args = argparse.Namespace(lora_rank=4, lora_alpha=None, lora_targets=["lm"], seed=0, lr_vision=0.0,
                               lr_projector=0.0, lr_lm=1e-2, weight_decay=0.1, optimizer=optimizer)
-    opt = make_vlm_optimizer(model, args)
+    opt = make_vlm_optimizer(setup_trainable(model, args), args)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids, pix = inputs(model)
     for _ in range(2):   # two steps: after the first B != 0, so A gets a gradient too

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ["train_pretrain.py", "train_sft.py", "train_gpt.py", "sample.py"]
+SCRIPTS = ["train_pretrain.py", "train_sft.py", "train_gpt.py", "sample.py", "sample_gpt.py"]
 
 
 def test_ci_runs_the_readme_test_command():

@@ -150,3 +150,19 @@ def test_answer_tags_score_the_text_inside_answer(tmp_path):
     assert [r["prediction"] for r in records] == ["red", "a"] and report["all"]["exact"] == 1.0
     report = evaluate_answers(model, tok, samples)
     assert report["colour"]["exact"] == 0.0 and report["text"]["exact"] == 1.0
+
+
+def test_dtype_flag_loads_the_weights_in_that_dtype(tmp_path, monkeypatch):
+    """--dtype bf16 generates with bf16 weights (CPU included); auto is fp32 on a CPU."""
+    make_ckpt(tmp_path / "ckpt")
+    loaded, from_pretrained = [], VLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        model = from_pretrained(cls, *args, **kwargs)
+        loaded.append(model.lm.embed_tokens.weight.dtype)
+        return model
+    monkeypatch.setattr(VLM, "from_pretrained", classmethod(spy))
+    for flag in (["--dtype", "bf16"], []):
+        sample.main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "hi", "--max-new-tokens", "3", "--device", "cpu",
+                     *flag])
+    assert loaded == [torch.bfloat16, torch.float32]

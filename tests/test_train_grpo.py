@@ -134,12 +134,14 @@ def test_keep_groups_drops_flat_groups_and_keeps_the_rest_as_they_were():
         b = grpo.rollout(model, prompts, pix, n_img, G, 4, 1.0, generator=torch.Generator().manual_seed(seed))
         b.update(rewards=torch.tensor(r), advantages=grpo.group_advantages(torch.tensor(r), G), texts=list("abcdef"),
                  per_function={"exact": r}, prompts=prompts, prompt_pixels=[pix[0:1], pix[1:2], None],
-                 n_images=n_img, solutions=["s0", "s1", "s2"], questions=["q0", "q1", "q2"])
+                 n_images=n_img, solutions=["s0", "s1", "s2"], questions=["q0", "q1", "q2"],
+                 where=["w0", "w1", "w2"])
         batches.append(b)
     kept = train_grpo.keep_groups(batches, G, limit=2, pad_id=model.cfg.pad_token_id)
     # informative: batch 0 group 1 (0, 1), batch 1 group 1 (0.2, 0.7), batch 1 group 2 (1, 0); limit 2 keeps two
     rows = [(0, 2), (0, 3), (1, 2), (1, 3)]
     assert kept["rewards"].tolist() == pytest.approx([0.0, 1.0, 0.2, 0.7])
+    assert kept["where"] == ["w1", "w1"]
     assert kept["questions"] == ["q1", "q1"] and kept["texts"] == ["c", "d", "c", "d"]
     assert torch.equal(kept["prompt_pixel_values"], torch.cat([pix[1:2], pix[1:2]]))
     for i, (k, r) in enumerate(rows):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,7 +126,7 @@ def test_checkpoint_swap_is_atomic(tmp_path, monkeypatch):
     assert tu.read_config(path)["step"] == 1
     monkeypatch.undo()
 
-    # A crash between the two renames: the old one was moved aside and is still found.
+    # A crash between the two renames: the old one was moved aside; the new one, complete beside it, is found.
     real_rename, calls = os.rename, []
     def rename_then_crash(src, dst):
         calls.append(dst)
@@ -136,7 +137,7 @@ def test_checkpoint_swap_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         tu.save_checkpoint(path, m, {"model_type": "gpt", "step": 3})
     monkeypatch.undo()
-    assert not path.exists() and tu.read_config(path)["step"] == 1
+    assert not path.exists() and tu.read_config(path)["step"] == 3
 
     tu.save_checkpoint(path, m, {"model_type": "gpt", "step": 4})  # the next save cleans up
     assert tu.read_config(path)["step"] == 4
@@ -212,3 +213,87 @@ def test_train_flops_by_hand():
     # A text-only batch: no image, nothing upstream of the frozen LM trains: forward only.
     text = dict(batch, pixel_values=torch.zeros(0, 3, 8, 8))
     assert train_flops(model, text) == lm_linear + lattn + head
+
+
+class FakeWandb:
+    """Records what a wandb run is given (the real package may be absent, and is never needed for this)."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return self
+
+    def log(self, row, step):
+        self.logged.append((step, row))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_logs_what_metrics_jsonl_logs(tmp_path, monkeypatch):
+    import sys
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log = tu.MetricsLogger(tmp_path, wandb_project="nanovlm", config={"lr": 1e-3})
+    log.log(0, loss=2.0, lr=1e-3)
+    log.log(10, val_loss=1.5)
+    log.finish()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in rows] == fake.logged
+    assert fake.inits[0]["project"] == "nanovlm" and fake.inits[0]["config"] == {"lr": 1e-3} and fake.finished == 1
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    assert fake.inits[0]["id"] == run_id
+    tu.MetricsLogger(tmp_path, is_main=False, wandb_project="nanovlm").log(20, loss=1.0)   # other ranks: nothing
+    assert len(fake.inits) == 1 and len(fake.logged) == 2
+    tu.MetricsLogger(tmp_path, resume_step=10, wandb_project="nanovlm")   # --resume continues the same run
+    assert fake.inits[-1]["id"] == run_id
+    tu.MetricsLogger(tmp_path, wandb_project="nanovlm")                   # a new run: a new id
+    assert fake.inits[-1]["id"] != run_id
+
+
+def test_wandb_is_not_imported_without_the_flag(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys; from nanovlm import train_utils as tu; log = tu.MetricsLogger(sys.argv[1]); "
+            "log.log(0, loss=1.0); log.finish(); assert 'wandb' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+
+
+@pytest.mark.slow
+def test_wandb_offline_run(tmp_path, monkeypatch):
+    """The real package, offline (skipped when wandb is not installed): the run's record file is written, with
+    the logged values in it (the file is wandb's protobuf log; its history items carry keys and JSON values)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = tu.MetricsLogger(tmp_path, wandb_project="nanovlm-test")
+    log.log(0, loss=2.0)
+    log.log(10, loss=0.125)
+    log.finish()
+    records = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1
+    data = records[0].read_bytes()
+    assert b"loss" in data and b"0.125" in data
+
+
+def test_token_batches_fill_a_budget_and_cover_each_epoch():
+    """--batch-tokens: micro-batches of at most `budget` tokens, each sample once per epoch, and the same pure
+    function of (step, micro-step, rank) as batch_indices: 2 ranks read what 1 rank reads in 2 micro-steps."""
+    rng = np.random.default_rng(0)
+    lengths = tuple(int(x) for x in rng.integers(5, 60, size=50))
+    budget = 100
+    one = [tu.token_batch_indices(step, m, 0, 1, 2, lengths, 7, budget) for step in range(12) for m in range(2)]
+    two = [tu.token_batch_indices(step, 0, r, 2, 1, lengths, 7, budget) for step in range(12) for r in range(2)]
+    assert one == two
+    assert all(sum(lengths[i] for i in b) <= budget for b in one)
+    # greedy: the next sample of the epoch's order would not have fit
+    first_epoch = tu._token_batches(lengths, 7, 0, budget)
+    assert sorted(i for b in first_epoch for i in b) == list(range(50))
+    for b, nxt in zip(first_epoch, first_epoch[1:]):
+        assert sum(lengths[i] for i in b) + lengths[nxt[0]] > budget
+    # the stream runs on into the next epochs
+    assert one[len(first_epoch)] == tu._token_batches(lengths, 7, 1, budget)[0]
+    with pytest.raises(ValueError, match="does not fit --batch-tokens 30"):
+        tu.token_batch_indices(0, 0, 0, 1, 1, lengths, 7, 30)

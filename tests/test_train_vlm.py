@@ -222,3 +222,76 @@ def test_fp16_run(tmp_path, data_dir):
     import json
     rows = [json.loads(line) for line in open(tmp_path / "fp16" / "metrics.jsonl")]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+@pytest.mark.slow
+def test_fsdp_equals_one_process_and_resumes_exactly(tmp_path, data_dir):
+    """FSDP2 on 2 gloo processes (parameters, gradients and AdamW state sharded; gradient accumulation with the
+    reduce-scatter skipped on the first micro-batch) trains the weights one process trains with 4 micro-batches,
+    exports them as a plain model.safetensors, and --resume from its sharded state continues exactly."""
+    from nanovlm.vlm import VLM
+    common = ["train_sft.py", "--data-dir", data_dir, *FAST, "--optimizer", "adamw", "--eval-answers", "0"]
+    run(common + ["--max-steps", "3", "--grad-accum", "4", "--out-dir", str(tmp_path / "one")])
+    run(common + ["--max-steps", "3", "--grad-accum", "2", "--fsdp", "--out-dir", str(tmp_path / "fsdp")], nproc=2)
+    assert (tmp_path / "fsdp" / "train_state.dcp").is_dir()
+    assert frac_apart(weights(tmp_path / "one"), weights(tmp_path / "fsdp")) == 0
+    VLM.from_pretrained(tmp_path / "fsdp")   # the export is an ordinary checkpoint
+    resumed = ["--max-steps", "3", "--grad-accum", "2", "--fsdp", "--out-dir", str(tmp_path / "resumed")]
+    run(common + resumed + ["--stop-at-step", "2"], nproc=2)
+    run(common + resumed + ["--resume"], nproc=2)
+    assert max_rel_diff(weights(tmp_path / "fsdp"), weights(tmp_path / "resumed")) == 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Recomputing each block's activations in the backward pass changes memory, not the gradients."""
+    from nanovlm import train_utils as tu
+    from nanovlm.projector import ProjectorConfig
+    from nanovlm.qwen2 import Qwen2Config
+    from nanovlm.siglip import SiglipConfig
+    from nanovlm.vlm import VLM, VLMConfig
+    cfg = VLMConfig(lm=Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2),
+                    vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
+                                        num_hidden_layers=2, num_attention_heads=4),
+                    projector=ProjectorConfig(shuffle_factor=2), image_token_id=5)
+
+    def grads(checkpointed):
+        torch.manual_seed(0)
+        model = VLM(cfg).train()
+        if checkpointed:
+            tu.checkpoint_blocks([*model.vision.layers, *model.lm.layers])
+        saved = []   # bytes the forward pass keeps for the backward pass (outside checkpointed blocks)
+        ids = torch.tensor([[1, 5, 5, 5, 5, 7, 8, 9], [2, 3, 5, 5, 5, 5, 4, 6]])
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = model(ids, torch.randn(2, 3, 32, 32), labels=ids)["loss"]
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}, sum(saved)
+    (plain, kept_plain), (ckpt, kept_ckpt) = grads(False), grads(True)
+    assert kept_ckpt < kept_plain / 2
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-6), n
+
+
+@pytest.mark.slow
+def test_batch_tokens_ddp_equals_accumulation(tmp_path, data_dir):
+    """--batch-tokens: micro-batches by token budget; 2 processes read what 1 process reads in 2 micro-steps."""
+    common = ["train_sft.py", "--data-dir", data_dir, *FAST, "--batch-tokens", "400", "--max-steps", "2",
+              "--optimizer", "adamw", "--eval-answers", "0"]
+    run(common + ["--grad-accum", "2", "--out-dir", str(tmp_path / "accum")])
+    run(common + ["--grad-accum", "1", "--out-dir", str(tmp_path / "ddp")], nproc=2)
+    assert frac_apart(weights(tmp_path / "accum"), weights(tmp_path / "ddp")) == 0
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same(tmp_path, data_dir):
+    """--compile (torch.compile of each block; inductor on the CPU) gives the losses of the eager run."""
+    import json
+    common = ["train_sft.py", "--data-dir", data_dir, *FAST, "--max-steps", "2", "--log-every", "1",
+              "--optimizer", "adamw", "--eval-answers", "0"]
+    run(common + ["--out-dir", str(tmp_path / "eager")])
+    run(common + ["--compile", "--out-dir", str(tmp_path / "compiled")])
+    losses = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if "loss" in r]
+              for d in ("eager", "compiled")]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)

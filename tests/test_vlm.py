@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import greedy_by_full_forward
+from conftest import cuda, greedy_by_full_forward
 from nanovlm.data import pack
 from nanovlm.projector import ProjectorConfig, pixel_shuffle
 from nanovlm.qwen2 import Qwen2Config
@@ -188,3 +188,121 @@ def test_save_and_load_round_trip(tmp_path, slot_embedding):
     with torch.no_grad():
         assert torch.equal(again(ids, pix)["logits"], m(ids, pix)["logits"])
     assert again.cfg == m.cfg
+
+
+# ---- fast generation -----------------------------------------------------------------------------------------------
+
+def chain_vlm(seed=3):
+    """A tiny VLM whose greedy continuations vary and whose logits are far apart: the token embeddings are large
+    (std 1, over the small layers' std 0.02 contributions) and the untied head maps token x to a fixed successor
+    sigma(x), so every step's top-2 logit gap dwarfs bf16 rounding (by ~100x at this seed, measured below)."""
+    m = tiny_vlm(seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        E = torch.randn(48, 32, generator=g)
+        m.lm.embed_tokens.weight.copy_(E)
+        successor = E[torch.randperm(48, generator=g)]
+        m.lm.lm_head = torch.nn.Linear(32, 48, bias=False)
+        m.lm.lm_head.weight.copy_(successor / successor.norm(dim=1, keepdim=True) * 4)
+    return m
+
+
+PROMPTS = [[1, 2, IMG, IMG, IMG, IMG, 7], [1, 9, 10], [1, IMG, IMG, IMG, IMG, 9, 8, 9, 4, 11]]
+
+
+def top2_gaps(m, prompts, pix, outs):
+    """The smallest top-2 logit gap along each greedy continuation, by full forwards in fp32."""
+    gaps, k = [], 0
+    for p, out in zip(prompts, outs):
+        n_img = p.count(IMG) // m.cfg.image_tokens
+        logits = m(torch.tensor([p + out]), pix[k:k + n_img] if n_img else None)["logits"][0, len(p) - 1:]
+        k += n_img
+        logits[:, IMG] = float("-inf")
+        top = logits.topk(2, -1).values
+        gaps.append(float((top[:, 0] - top[:, 1]).min().detach()))
+    return min(gaps)
+
+
+@pytest.mark.parametrize("weights,autocast", [(torch.float32, True), (torch.bfloat16, False),
+                                              (torch.bfloat16, True)])
+def test_generate_under_autocast_and_bf16(monkeypatch, weights, autocast):
+    """Issue 22 faults 1 and 2: under autocast with fp32 weights, k and v reach the KV cache in bf16 (it used to
+    be fp32: 'Index put requires the source and destination dtypes match'), and q, k, v reach attention in one
+    dtype (the rotation by fp32 tables used to leave q, k fp32 and v bf16, so flash-attn was never chosen).
+    The greedy tokens equal the fp32 ones, on a model whose top-2 logit gaps are far above bf16 rounding."""
+    m = chain_vlm()
+    pix = torch.randn(2, 3, 32, 32)
+    want = m.generate(PROMPTS, pix, max_new_tokens=8)
+    assert top2_gaps(m, PROMPTS, pix, want) > 5.0                         # bf16 moves these logits by < 0.1
+    assert len({t for row in want for t in row}) > 3                     # not one token repeated
+    import nanovlm.qwen2 as qwen2
+    seen, plain = [], qwen2.attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, None if kw["cache"] is None else kw["cache"].dtype))
+        return plain(q, k, v, **kw)
+    monkeypatch.setattr(qwen2, "attention", spy)
+    m = m.to(weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = m.generate(PROMPTS, pix.to(weights), max_new_tokens=8)
+    assert got == want
+    assert set(seen) == {(torch.bfloat16,) * 4}     # q, k, v and the cache: one dtype at every call
+
+
+def test_prompts_run_once_for_many_samples():
+    """num_samples=4 prefills each prompt (and its image) once and copies its cache: greedy, every copy equals
+    decoding the prompt repeated 4 times, and sampled (hot, so the 4 differ) it draws the same tokens."""
+    m = chain_vlm()
+    pix = torch.randn(2, 3, 32, 32)
+    shared = m.generate(PROMPTS, pix, max_new_tokens=6, num_samples=4)
+    rows = [p for p in PROMPTS for _ in range(4)]
+    pix_rows = torch.cat([pix[:1]] * 4 + [pix[1:]] * 4)
+    assert shared == m.generate(rows, pix_rows, max_new_tokens=6)
+    assert shared[0::4] == [greedy_by_full_forward(m, p, x, 6) for p, x in zip(PROMPTS, [pix[:1], None, pix[1:]])]
+    g1, g2 = (torch.Generator().manual_seed(3) for _ in range(2))
+    a = m.generate(PROMPTS, pix, max_new_tokens=6, temperature=20.0, generator=g1, num_samples=4)
+    b = m.generate(rows, pix_rows, max_new_tokens=6, temperature=20.0, generator=g2)
+    assert a == b and len({tuple(r) for r in a}) > 3
+
+
+def test_per_row_stops_and_include_stop():
+    """Row 0 stops at once (its prompt makes the stop token the argmax), the others run on: per-row stops, with
+    the stop token returned only with include_stop, and streaming never sends it."""
+    m = chain_vlm()
+    pix = torch.randn(2, 3, 32, 32)
+    free = m.generate(PROMPTS, pix, max_new_tokens=5)
+    stop = free[1][2]                              # a token row 1 emits third: make it the stop token
+    m.cfg.stop_token_ids = (stop,)
+    out = m.generate(PROMPTS, pix, max_new_tokens=5)
+    assert out[1] == free[1][:2]
+    for row, f in zip(out, free):
+        assert row == (f[:f.index(stop)] if stop in f else f)
+    with_stop = m.generate(PROMPTS, pix, max_new_tokens=5, include_stop=True)
+    assert with_stop[1] == free[1][:3]
+    streamed = {0: [], 1: [], 2: []}
+    m.generate(PROMPTS, pix, max_new_tokens=5, on_token=lambda b, t: streamed[b].append(t))
+    assert [streamed[b] for b in range(3)] == out
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens():
+    """torch.compile captures the decode step whole (fullgraph=True: no graph break) and decodes the same greedy
+    tokens. On the CPU this compiles for tens of seconds; on CUDA the same call replays CUDA graphs."""
+    m = chain_vlm()
+    pix = torch.randn(2, 3, 32, 32)
+    want = m.generate(PROMPTS, pix, max_new_tokens=6)
+    assert m.generate(PROMPTS, pix, max_new_tokens=6, compile=True) == want
+
+
+@cuda
+@pytest.mark.gpu
+def test_compiled_decode_step_with_cuda_graphs_on_gpu():
+    """On CUDA, compile=True replays the decode step as CUDA graphs (the cache written in place): the same greedy
+    tokens as eager, twice in a row (the second call re-records for the new cache), under bf16 autocast."""
+    m = chain_vlm().cuda()
+    pix = torch.randn(2, 3, 32, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = m.generate(PROMPTS, pix, max_new_tokens=6)
+        assert m.generate(PROMPTS, pix, max_new_tokens=6, compile=True) == want
+        assert m.generate(PROMPTS, pix, max_new_tokens=6, compile=True, num_samples=2) == \
+            [row for row in want for _ in range(2)]

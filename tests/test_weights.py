@@ -85,3 +85,40 @@ def test_not_a_path_nor_a_repo_id(tmp_path):
     f.write_text("x")
     with pytest.raises(NotADirectoryError):
         resolve_checkpoint(f)
+
+
+def test_hub_id_reads_the_local_cache_offline(tmp_path, monkeypatch):
+    """A hub id resolves through huggingface_hub's cache (what a download leaves behind), offline too: the layout
+    models--OWNER--NAME/snapshots/COMMIT/ with refs/main naming the commit."""
+    from transformers import Qwen2Config as HFQwen2Config, Qwen2ForCausalLM
+
+    from nanovlm.qwen2 import Qwen2
+    repo = tmp_path / "hf" / "hub" / "models--Qwen--Qwen2.5-0.5B-Instruct"
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    hf = Qwen2ForCausalLM(HFQwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    hf.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants   # read at import: point it at this cache
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    model = Qwen2.from_pretrained("Qwen/Qwen2.5-0.5B-Instruct")
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.allclose(model(ids), hf(ids).logits, atol=1e-5)
+
+
+def test_downloads_once_per_machine(monkeypatch):
+    """Only each machine's first process (local rank 0) downloads; every process then waits at the barrier."""
+    from nanovlm import vlm_train
+    from nanovlm.train_utils import Dist
+    fetched, barriers = [], []
+    monkeypatch.setattr(vlm_train, "resolve_checkpoint", fetched.append)
+    monkeypatch.setattr(vlm_train.tu, "barrier", lambda: barriers.append(1))
+    vlm_train.fetch_once_per_machine(["Qwen/a", "google/b"], Dist(rank=8, local_rank=0, world_size=16))
+    assert fetched == ["Qwen/a", "google/b"]
+    vlm_train.fetch_once_per_machine(["Qwen/a", "google/b"], Dist(rank=9, local_rank=1, world_size=16))
+    assert fetched == ["Qwen/a", "google/b"] and len(barriers) == 2
