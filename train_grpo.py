@@ -39,9 +39,9 @@ from tqdm import tqdm
 from nanovlm import grpo, lora, rewards
 from nanovlm import train_utils as tu
 from nanovlm.cli import run_cli
-from nanovlm.data import fit_lengths, load_data, load_image
+from nanovlm.data import fit_lengths, image_token_counts, load_data, load_images
 from nanovlm.evaluate import evaluate_answers, format_report
-from nanovlm.numeric import NumericVLM
+from nanovlm.numeric import WithNumericHead
 from nanovlm.vlm_train import (build_model, build_parser, check_resume, make_vlm_optimizer, resolve_args, resume,
                                save_vlm_checkpoint, setup_trainable)
 
@@ -85,7 +85,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_prompts(args, tok, cfg, verbose=True):
+def load_prompts(args, tok, cfg, images, verbose=True):
     """The training samples and their prompts' lengths in tokens, checked up front: a prompt with its longest
     completion must fit --max-length (never truncated: that would cut through image tokens or the question)."""
     samples = load_data(args.data, args.image_root, seed=args.seed)
@@ -94,8 +94,9 @@ def load_prompts(args, tok, cfg, verbose=True):
             raise ValueError(f"{s['where']}: GRPO needs a conversation ending with an assistant answer (the solution)")
     # chat_lengths counts without the generation prompt, which is always the same few tokens
     gen = len(tok.encode("<|im_start|>assistant\n"))
-    lengths = [n + gen for n in tok.chat_lengths([s["messages"][:-1] for s in samples], cfg.image_tokens,
-                                                cfg.system_prompt, wheres=[s["where"] for s in samples])]
+    lengths = [n + gen for n in tok.chat_lengths([s["messages"][:-1] for s in samples],
+                                                image_token_counts(samples, images), cfg.system_prompt,
+                                                wheres=[s["where"] for s in samples])]
     keep = fit_lengths(samples, [n + args.max_new_tokens for n in lengths], args.max_length, args.drop_long,
                        limit=f"--max-length {args.max_length} (prompt + --max-new-tokens {args.max_new_tokens})",
                        verbose=verbose)
@@ -137,19 +138,17 @@ def sample_generator(args, step, micro, dist):
 
 def make_rollout(model, tok, samples, idx, args, generator):
     """Prompts idx -> rollout batch with rewards and advantages (grpo.rollout + rewards.combine_rewards)."""
-    cfg = model.cfg
+    cfg, processor = model.cfg, model.image_processor()
+    device = model.lm.embed_tokens.weight.device
     chosen = [samples[i] for i in idx]
-    prompts, solutions, pixels, n_images = [], [], [], []
+    prompts, solutions, images = [], [], []
     for s in chosen:
-        ids, solution = grpo.prompt_ids(tok, s, cfg.image_tokens, cfg.system_prompt)
+        ids, solution = grpo.prompt_ids(tok, s, [processor.image_tokens(p) for p in s["images"]], cfg.system_prompt)
         prompts.append(ids)
         solutions.append(solution)
-        pixels += [load_image(p, cfg.image_size, s["where"]) for p in s["images"]]
-        n_images.append(len(s["images"]))
-    device = model.lm.embed_tokens.weight.device
-    pixel_values = torch.stack(pixels).to(device) if pixels else None
-    batch = grpo.rollout(model, prompts, pixel_values, n_images, args.num_generations, args.max_new_tokens,
-                         args.temperature, args.top_p, generator)
+        images.append({k: v.to(device) for k, v in load_images(s["images"], processor, s["where"]).items()})
+    batch = grpo.rollout(model, prompts, images, args.num_generations, args.max_new_tokens, args.temperature,
+                         args.top_p, generator)
     G = args.num_generations
     texts = [tok.decode(c[:-1] if stop else c, skip_special_tokens=True)
              for c, stop in zip(batch["completions"], batch["stopped"].tolist())]
@@ -269,10 +268,10 @@ def main(argv=None):
     if args.resume:   # before anything is built: the flags must be the run's (vlm_train.RESUME_MAY_CHANGE aside)
         check_resume(args, dist)
     model, tok = build_model(args, dist)   # --init-from: the SFT checkpoint, its tokenizer
-    if isinstance(model, NumericVLM):
+    if isinstance(model, WithNumericHead):
         raise SystemExit(f"{args.init_from} has a numeric head; GRPO does not support it yet")
     model.to(dist.device)
-    samples, lengths = load_prompts(args, tok, model.cfg, verbose=dist.is_main)
+    samples, lengths = load_prompts(args, tok, model.cfg, model.image_processor(), verbose=dist.is_main)
     lengths = tuple(lengths) if args.group_by_length else None   # prompts of similar length: less padding
     opt = make_vlm_optimizer(setup_trainable(model, args), args)   # LoRA adapters first when --lora-rank > 0
     if args.grad_checkpointing:

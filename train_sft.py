@@ -71,7 +71,7 @@ def train(args):
         n_params = sum(p.numel() for p in raw.parameters())
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
         print(f"{args.stage}: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), {len(train_set)} "
-              f"samples, {raw.cfg.image_tokens} tokens per image, {dist.world_size} process(es)")
+              f"samples, {raw.image_processor()}, {dist.world_size} process(es)")
 
     # ---- the loop ------------------------------------------------------------------------------------------
     loader = iter(vt.batches(train_set, args, dist, start_step, tok.endoftext))

@@ -22,53 +22,53 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from nanovlm.data import load_image
+from nanovlm.data import load_images
 from nanovlm.grpo import repeat_prompts
-from nanovlm.numeric import NumericVLM, decode_numeric, split_numbers, strip_numbers
+from nanovlm.numeric import WithNumericHead, decode_numeric, split_numbers, strip_numbers
 from nanovlm.rewards import text_accuracy
 
 
 @torch.no_grad()
 def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32, limit=None, show=0,
                      num_samples=0, temperature=1.0, top_p=1.0, generator=None):
-    """Greedy answers to every sample's final assistant turn, with the chat template and image size the model
-    was trained with (model.cfg). Returns {qtype: {"n", "exact", "text"}} plus "all"; with num_samples = k > 0
+    """Greedy answers to every sample's final assistant turn, with the chat template and image processing the
+    model was trained with (model.cfg, model.image_processor()). Returns {qtype: {"n", "exact", "text"}} plus "all"; with num_samples = k > 0
     each also has "pass@k" and "sampled" (module docstring)."""
     if num_samples and temperature <= 0:
         raise ValueError(f"num_samples={num_samples} samples answers: temperature must be > 0, got {temperature}")
     model.eval()
-    image_size, system = model.cfg.image_size, model.cfg.system_prompt
+    system, images = model.cfg.system_prompt, model.image_processor()
     device = next(model.parameters()).device
     samples = samples[:limit] if limit else samples
     scores = defaultdict(lambda: {"n": 0, "exact": 0.0, "text": 0.0, "pass": 0.0, "sampled": 0.0})
     shown = 0
-    numeric = isinstance(model, NumericVLM)
+    numeric = isinstance(model, WithNumericHead)
     for i in tqdm(range(0, len(samples), batch_size), desc="evaluate", unit="batch", leave=False):
         chunk = samples[i:i + batch_size]
-        prompts, pixels, refs, values, n_images = [], [], [], [], []
+        prompts, inputs, refs, values = [], [], [], []
         for s in chunk:
             if not s["messages"] or s["messages"][-1]["role"] != "assistant":
                 raise ValueError(f"{s['where']}: evaluation needs a conversation ending with an assistant answer")
             # numbers as values beside <num> tokens for a model with the head, as in training; else plain digits
             messages, sample_values = split_numbers(s["messages"][:-1], numeric, s["where"])
-            ids, _ = tokenizer.encode_chat(messages, model.cfg.image_tokens, add_generation_prompt=True,
-                                           system=system, where=s["where"])
+            ids, _ = tokenizer.encode_chat(messages, [images.image_tokens(p) for p in s["images"]],
+                                           add_generation_prompt=True, system=system, where=s["where"])
             prompts.append(ids)
             values.append(sample_values)
-            pixels += [load_image(p, image_size, s["where"]) for p in s["images"]]
-            n_images.append(len(s["images"]))
+            inputs.append(load_images(s["images"], images, s["where"]))
             ref = s["messages"][-1]["content"].strip()
             refs.append(ref if numeric else strip_numbers(ref, s["where"]))
-        pixel_values = torch.stack(pixels).to(device) if pixels else None
 
         def answers(n, **sampling):
             """n answers to each prompt of the chunk, as n consecutive rows per prompt: (B * n) strings."""
-            rows, pv = repeat_prompts(prompts, pixel_values, n_images, n)
+            rows, pixels = repeat_prompts(prompts, inputs, n)
+            pixels = {k: v.to(device) for k, v in pixels.items()}
             if not numeric:
-                outs = model.generate(rows, pv, max_new_tokens=max_new_tokens, **sampling)
+                outs = model.generate(rows, **pixels, max_new_tokens=max_new_tokens, **sampling)
                 return [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
             nums = [v for vs in values for _ in range(n) for v in vs]
-            outs, preds = model.generate_numbers(rows, pv, nums, max_new_tokens=max_new_tokens, **sampling)
+            outs, preds = model.generate_numbers(rows, num_values=nums, **pixels, max_new_tokens=max_new_tokens,
+                                                 **sampling)
             return [decode_numeric(tokenizer, out, pred)[0].strip() for out, pred in zip(outs, preds)]
 
         greedy = answers(1)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovlm.attention import Packing
+from nanovlm.data import cat_images
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -231,27 +232,27 @@ def prompt_ids(tokenizer, sample, image_tokens, system):
     return ids, messages[-1]["content"]
 
 
-def repeat_prompts(prompts, pixel_values, images_per_prompt, n):
+def repeat_prompts(prompts, images, n):
     """Each prompt n times in a row (p0, p0, ..., p1, p1, ...) with its images repeated to match, so one generate
-    call samples n completions of every prompt. Returns (rows, pixel_values); pixel_values may be None."""
+    call samples n completions of every prompt. images: one dict of image inputs per prompt (data.load_images:
+    the SigLIP VLM's pixel_values, or Qwen2.5-VL's patch rows and grid rows, which repeat together). Returns
+    (rows, image inputs of the rows)."""
     rows = [p for p in prompts for _ in range(n)]
-    if pixel_values is not None and len(pixel_values):
-        blocks = pixel_values.split(list(images_per_prompt))        # one (n_img, 3, H, W) block per prompt
-        pixel_values = torch.cat([blk for blk in blocks for _ in range(n)])
-    return rows, pixel_values
+    return rows, cat_images([x for x in images for _ in range(n)])
 
 
 @torch.no_grad()
-def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, max_new_tokens, temperature,
-            top_p=1.0, generator=None, compile=False):
+def rollout(model, prompts, images, num_generations, max_new_tokens, temperature, top_p=1.0, generator=None,
+            compile=False):
     """Sample num_generations completions of each prompt in one batched generate call (compile: a compiled
     decode step, see VLM.generate).
 
-    prompts: list of token-id lists; pixel_values: (sum of images_per_prompt, 3, H, W) in prompt order, or None.
-    Returns a batch dict for completion_logps: input_ids / attention_mask (B, T) prompt + completion, right-padded;
-    pixel_values with each prompt's images repeated G times; prompt_lengths (B,); completion_ids (B, C) and
-    completion_mask (B, C) (1 up to and including the first stop token, 0 after: mask_after_eos semantics);
-    completions: the token lists; stopped (B,) bool (False: cut off at max_new_tokens).
+    prompts: list of token-id lists; images: one dict of image inputs per prompt (data.load_images), on the
+    model's device. Returns a batch dict for completion_logps: input_ids / attention_mask (B, T) prompt +
+    completion, right-padded; the image inputs with each prompt's images repeated G times (under "images");
+    prompt_lengths (B,); completion_ids (B, C) and completion_mask (B, C) (1 up to and including the first stop
+    token, 0 after: mask_after_eos semantics); completions: the token lists; stopped (B,) bool (False: cut off at
+    max_new_tokens).
     """
     if temperature <= 0:
         raise ValueError(f"GRPO samples its completions: temperature must be > 0, got {temperature}")
@@ -260,13 +261,13 @@ def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, ma
     cfg = model.cfg
     # include_stop: a row that stopped ends with the stop token it sampled, which is trained like any other
     # token; a row cut off at max_new_tokens has none.
-    completions = model.generate(prompts, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, generator=generator, include_stop=True, num_samples=num_generations,
-                                 compile=compile)
-    rows, pixel_values = repeat_prompts(prompts, pixel_values, images_per_prompt, num_generations)
+    completions = model.generate(prompts, **cat_images(images), max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, generator=generator, include_stop=True,
+                                 num_samples=num_generations, compile=compile)
+    rows, repeated = repeat_prompts(prompts, images, num_generations)
     stopped = [bool(c) and c[-1] in cfg.stop_token_ids for c in completions]
     batch = completion_batch(rows, completions, cfg.pad_token_id)
-    batch.update(pixel_values=pixel_values, stopped=torch.tensor(stopped))
+    batch.update(images=repeated, stopped=torch.tensor(stopped))
     return batch
 
 
@@ -302,11 +303,9 @@ def completion_logps(model, batch, temperature, with_entropy=False):
     device = model.lm.embed_tokens.weight.device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     completion = batch["completion_ids"].to(device)                                 # (B, C)
-    pixel_values = batch["pixel_values"]
-    pixel_values = pixel_values.to(device) if pixel_values is not None and len(pixel_values) else None
+    images = {k: v.to(device) for k, v in batch["images"].items()}
     packing = batch["packing"].to(device) if "packing" in batch else None          # made on the CPU, with the batch
-    x = model.embed(ids, pixel_values)                                              # (B, T, hidden)
-    h = model.lm.hidden_states(inputs_embeds=x, attention_mask=mask, packing=packing)   # (B, T, hidden)
+    h = model.states(ids, **images, attention_mask=mask, packing=packing)           # (B, T, hidden)
     B, T, D = h.shape
     start = batch["prompt_lengths"].to(device)[:, None] - 1                         # (B, 1)
     pos = (start + torch.arange(completion.shape[1], device=device)[None]).clamp(max=T - 1)  # (B, C)

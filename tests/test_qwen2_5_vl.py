@@ -213,7 +213,7 @@ def test_bf16_close_to_transformers(tied):
     path, _ = tied
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager")
     ours = Qwen25VL.from_pretrained(path, dtype=torch.bfloat16)
-    assert ours.vision.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert ours.vision.layers[0].attn.qkv.weight.dtype == torch.bfloat16
     pv, grid, rows = mixed_batch(ours)
     ids, mask = batch(rows)
     with torch.no_grad():
