@@ -53,11 +53,8 @@ def train(args):
     if args.fsdp:   # shards in place: raw is the sharded model too
         param_dtype = tu.resolve_dtype(dist.device, args.dtype)
         model = fsdp.shard(model, blocks, None if param_dtype == torch.float32 else param_dtype)
-    elif dist.ddp:
-        # A micro-batch of text-only samples leaves the vision tower and projector out of the graph; DDP must
-        # then be told to look for unused parameters, or it waits for their gradients forever.
-        text_only = any(not s["images"] for s in train_set.samples)
-        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=text_only)
+    elif dist.ddp:   # every trained parameter takes part in every step (a text-only batch: VLM.embed's blank image)
+        model = torch.nn.parallel.DistributedDataParallel(model)
     opt = vt.make_vlm_optimizer(raw, args)   # after sharding: FSDP's parameters are the shards
 
     # ---- resume: weights, optimizer, step and RNG from --out-dir ---------------------------------------------
@@ -142,11 +139,13 @@ def main(argv=None, stage="sft", doc=__doc__):
                         help="after training, answer this many validation questions and print accuracy (0: skip)")
     args = parser.parse_args(argv)
     model, tok, args, dist = train(args)
-    if args.eval_answers and args.val_data and dist.is_main:   # one process answers; the others wait
+    if args.eval_answers and args.val_data:   # every process answers its share; one prints
         report = evaluate_answers(model, tok, load_data(args.val_data, args.image_root), limit=args.eval_answers,
-                                  show=5)
-        print(f"\nheld-out answers ({args.val_data}):\n{format_report(report)}")
-        print(f"\ncheckpoint: {args.out_dir}   try: python sample.py --ckpt {args.out_dir} --image IMAGE --prompt TEXT")
+                                  show=5 if dist.is_main else 0, dist=dist)
+        if dist.is_main:
+            print(f"\nheld-out answers ({args.val_data}):\n{format_report(report)}")
+            print(f"\ncheckpoint: {args.out_dir}   try: python sample.py --ckpt {args.out_dir} --image IMAGE "
+                  "--prompt TEXT")
     tu.cleanup_distributed()
 
 

@@ -30,21 +30,30 @@ from nanovlm.rewards import text_accuracy
 
 @torch.no_grad()
 def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32, limit=None, show=0,
-                     num_samples=0, temperature=1.0, top_p=1.0, generator=None):
+                     num_samples=0, temperature=1.0, top_p=1.0, generator=None, dist=None):
     """Greedy answers to every sample's final assistant turn, with the chat template and image processing the
-    model was trained with (model.cfg, model.image_processor()). Returns {qtype: {"n", "exact", "text"}} plus "all"; with num_samples = k > 0
-    each also has "pass@k" and "sampled" (module docstring)."""
+    model was trained with (model.cfg, model.image_processor()). Returns {qtype: {"n", "exact", "text"}} plus
+    "all"; with num_samples = k > 0 each also has "pass@k" and "sampled" (module docstring).
+    dist (train_utils.Dist): call on every process; each answers every W-th question and the scores are summed
+    over the processes (every process gets the whole report). A sharded (FSDP) model needs it: every process
+    must take part in every generation, so each runs as many batches, the last ones maybe repeats it ignores."""
     if num_samples and temperature <= 0:
         raise ValueError(f"num_samples={num_samples} samples answers: temperature must be > 0, got {temperature}")
     model.eval()
     system, images = model.cfg.system_prompt, model.image_processor()
     device = next(model.parameters()).device
     samples = samples[:limit] if limit else samples
+    world, rank = (dist.world_size, dist.rank) if dist is not None and dist.ddp else (1, 0)
+    mine = samples[rank::world]
+    n_batches = -(-(-(-len(samples) // world)) // batch_size)   # the same on every process
     scores = defaultdict(lambda: {"n": 0, "exact": 0.0, "text": 0.0, "pass": 0.0, "sampled": 0.0})
     shown = 0
     numeric = isinstance(model, WithNumericHead)
-    for i in tqdm(range(0, len(samples), batch_size), desc="evaluate", unit="batch", leave=False):
-        chunk = samples[i:i + batch_size]
+    for i in tqdm(range(0, n_batches * batch_size, batch_size), desc="evaluate", unit="batch", leave=False,
+                  disable=rank > 0):
+        chunk = mine[i:i + batch_size]
+        counted = bool(chunk)
+        chunk = chunk or samples[:1]   # none left here: answer one question in step with the others, uncounted
         prompts, inputs, refs, values = [], [], [], []
         for s in chunk:
             if not s["messages"] or s["messages"][-1]["role"] != "assistant":
@@ -74,7 +83,7 @@ def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32
         greedy = answers(1)
         if num_samples:
             drawn = answers(num_samples, temperature=temperature, top_p=top_p, generator=generator)
-        for k, (s, pred, ref) in enumerate(zip(chunk, greedy, refs)):
+        for k, (s, pred, ref) in enumerate(zip(chunk, greedy, refs) if counted else ()):
             if num_samples:
                 hits = [float(a == ref) for a in drawn[k * num_samples:(k + 1) * num_samples]]
             for key in (s.get("qtype", "all"), "all") if s.get("qtype") else ("all",):
@@ -88,6 +97,14 @@ def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32
                 print(f"  {s['where']}: {s['messages'][-2]['content'].replace(chr(10), ' ')!r} -> {pred!r} "
                       f"(reference {ref!r})")
                 shown += 1
+    if world > 1:   # the scores of every process, summed
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, dict(scores))
+        scores = defaultdict(lambda: {"n": 0, "exact": 0.0, "text": 0.0, "pass": 0.0, "sampled": 0.0})
+        for part in gathered:
+            for key, v in part.items():
+                for name, x in v.items():
+                    scores[key][name] += x
     report = {}
     for key, v in scores.items():
         report[key] = {"n": v["n"], "exact": v["exact"] / v["n"], "text": v["text"] / v["n"]}

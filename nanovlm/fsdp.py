@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from nanovlm import train_utils as tu
 
@@ -51,6 +51,12 @@ def shard(model, blocks, param_dtype=None):
     for block in blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    # generate() is a forward pass FSDP would not see (it is not forward()): registered, it gathers the root's
+    # weights (embeddings, norms, projector, head) around it, as forward() does. Every process must call it, with
+    # as many decoding steps (vlm.all_done).
+    for method in ("generate", "generate_numbers"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
     return model
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 
 from nanovlm.attention import KVCache, Packing
 from nanovlm.qwen2 import Qwen2, Qwen2Config, rope_cos_sin
@@ -47,7 +48,7 @@ from nanovlm.qwen2_5_vl_processor import (MAX_PIXELS, MIN_PIXELS, Qwen25VLImages
                                            preprocess_images, smart_resize)
 from nanovlm.qwen2_5_vl_vision import PatchMerger, VisionConfig, VisionTower
 from nanovlm.sampling import sample_next
-from nanovlm.vlm import STOP_CHECK_EVERY, VLM
+from nanovlm.vlm import STOP_CHECK_EVERY, VLM, all_done
 from nanovlm.weights import config_dtype, load_mapped, read_config, read_safetensors, resolve_checkpoint, save_mapped
 
 __all__ = ["Qwen25VL", "Qwen25VLConfig", "VisionConfig", "preprocess_images", "image_grid", "smart_resize",
@@ -233,7 +234,7 @@ class Qwen25VL(nn.Module):
     # The loss and its token counts, and generation's hooks (the next token's logits, its input embedding, a
     # decoding step), are the SigLIP VLM's as they are: after the image features are in, both models are the
     # same Qwen2 decoder. (Decoding reuses VLM.decode_step: see generate.)
-    outputs, loss_counts = VLM.outputs, VLM.loss_counts
+    outputs, loss_counts, vision_side_trains = VLM.outputs, VLM.loss_counts, VLM.vision_side_trains
     next_logits, step_embed, decode_step, compiled_decode_step = (VLM.next_logits, VLM.step_embed, VLM.decode_step,
                                                                    VLM.compiled_decode_step)
 
@@ -266,6 +267,14 @@ class Qwen25VL(nn.Module):
         if per_image:
             feats = self.image_features(pixel_values, image_grid_thw).to(x.dtype)         # (sum, C)
             x = x.masked_scatter(is_image[..., None], feats)
+        elif isinstance(self, FSDPModule) or (torch.is_grad_enabled() and self.vision_side_trains()):
+            # No images: a blank one of the smallest size (one merged token) runs through the vision side and
+            # counts zero times, as in VLM.embed (why: there).
+            v = self.cfg.vision
+            m = v.spatial_merge_size
+            blank = x.new_zeros(m * m, 3 * v.temporal_patch_size * v.patch_size ** 2)        # (m*m, 1176)
+            grid = torch.tensor([[1, m, m]], device=x.device)
+            x = x + 0 * self.image_features(blank, grid).sum().to(x.dtype)
         return x
 
     def positions(self, input_ids, image_grid_thw=None, attention_mask=None):
@@ -370,7 +379,7 @@ class Qwen25VL(nn.Module):
                         on_token(b, t)
             nxt = nxt.masked_fill(done, self.cfg.pad_token_id)   # finished rows run along, their output ignored
             x = self.step_embed(nxt, h)                                                        # (B, 1, C)
-            if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(done.all())):
+            if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and all_done(done, self)):
                 break
             if seen is not None:
                 seen[:, T + i] = nxt

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 from safetensors.torch import save_file
 
 from nanovlm.attention import KVCache
@@ -65,6 +66,17 @@ class VLMConfig:
 
     def to_dict(self):
         return {"model_type": "vlm", **asdict(self)}
+
+
+def all_done(done, model):
+    """Has every row stopped? With a sharded model (FSDP) every process must run the same number of decoding
+    steps, since each step all-gathers the weights from all of them: the answer is then every row of every
+    process, agreed on with one all_reduce."""
+    finished = done.all()
+    if isinstance(model, FSDPModule):
+        finished = finished.to(torch.int32)
+        torch.distributed.all_reduce(finished, op=torch.distributed.ReduceOp.MIN)
+    return bool(finished)
 
 
 class VLM(nn.Module):
@@ -117,7 +129,18 @@ class VLM(nn.Module):
             feats = self.image_features(pixel_values).to(x.dtype)             # (N_img, image_tokens, C)
             # Images fill the slots in reading order: row by row, left to right, as the tags appear.
             x = x.masked_scatter(is_image[..., None], feats.reshape(-1, x.shape[-1]))
+        elif isinstance(self, FSDPModule) or (torch.is_grad_enabled() and self.vision_side_trains()):
+            # A batch without images still runs the vision side, on a blank image whose features count zero
+            # times. Training, the vision side then gets a gradient (of zeros) in every step, as in a step with
+            # images, whether the batch is split over micro-batches or processes: DDP needs no search for unused
+            # parameters, and one process equals several. Sharded (FSDP), every process must run every block
+            # anyway, since each gathers its weights from all of them.
+            blank = x.new_zeros(1, 3, self.cfg.image_size, self.cfg.image_size)
+            x = x + 0 * self.image_features(blank).sum().to(x.dtype)
         return x
+
+    def vision_side_trains(self):
+        return any(p.requires_grad for part in (self.vision, self.projector) for p in part.parameters())
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, n_label_tokens=None,
                 packing=None):
@@ -216,7 +239,7 @@ class VLM(nn.Module):
                         on_token(b, t)
             nxt = nxt.masked_fill(done, self.cfg.pad_token_id)   # finished rows run along, their output ignored
             x = self.step_embed(nxt, h)                                                        # (B, 1, C)
-            if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(done.all())):
+            if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and all_done(done, self)):
                 break
             if seen is not None:
                 seen[:, T + i] = nxt

@@ -402,31 +402,40 @@ def train_flops(model, batch):
         grad = conv.weight.requires_grad
         total += 2 * conv.weight.numel() * n * (1 + grad)
 
+    # A batch without images runs a blank one through a training vision side (VLM.embed, Qwen25VL.embed): its
+    # features count 0 times, but it is computed.
+    blank = model.vision_side_trains()
     image_tokens = 0
-    if "image_grid_thw" in batch and len(batch["image_grid_thw"]):   # Qwen2.5-VL: each image at its own size
+    if "image_grid_thw" in batch:   # Qwen2.5-VL: each image at its own size
         grid, v = batch["image_grid_thw"], cfg.vision
-        patches = int(grid.prod(-1).sum())
-        patch_embedding(vit.patch_embed.proj, patches)
-        _, windows = window_order(grid, v.spatial_merge_size, v.window_size // v.patch_size // v.spatial_merge_size)
-        pairs = {"window": int(((windows * v.spatial_merge_size ** 2) ** 2).sum()),   # per window, both directions
-                 "full": int((grid[:, 0] * (grid[:, 1] * grid[:, 2]) ** 2).sum())}    # per frame
-        for i, layer in enumerate(vit.layers):
-            linear(layer.attn.qkv, patches)
-            attention(pairs["full" if i in v.fullatt_block_indexes else "window"], v.hidden_size)
-            for m in (layer.attn.proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                linear(m, patches)
-        image_tokens = patches // v.spatial_merge_size ** 2
-    elif "image_grid_thw" not in batch and len(batch["pixel_values"]):   # the SigLIP VLM: a fixed size per image
-        n_images, patches = len(batch["pixel_values"]), (cfg.image_size // cfg.vision.patch_size) ** 2
-        patch_embedding(vit.embeddings.patch_embedding, n_images * patches)
-        for layer in vit.layers:
-            a = layer.self_attn
-            for m in (a.q_proj, a.k_proj, a.v_proj):
-                linear(m, n_images * patches)
-            attention(n_images * patches ** 2, cfg.vision.hidden_size)
-            for m in (a.out_proj, layer.fc1, layer.fc2):
-                linear(m, n_images * patches)
-        image_tokens = n_images * cfg.image_tokens
+        m = v.spatial_merge_size
+        if not len(grid) and blank:
+            grid = torch.tensor([[1, m, m]])   # the smallest image: one merged token
+        if len(grid):
+            patches = int(grid.prod(-1).sum())
+            patch_embedding(vit.patch_embed.proj, patches)
+            _, windows = window_order(grid, m, v.window_size // v.patch_size // m)   # merged tokens per window
+            pairs = {"window": int(((windows * m * m) ** 2).sum()),                    # per window, both ways
+                     "full": int((grid[:, 0] * (grid[:, 1] * grid[:, 2]) ** 2).sum())}   # per frame
+            for i, layer in enumerate(vit.layers):
+                linear(layer.attn.qkv, patches)
+                attention(pairs["full" if i in v.fullatt_block_indexes else "window"], v.hidden_size)
+                for lin in (layer.attn.proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                    linear(lin, patches)
+            image_tokens = patches // (m * m)
+    else:   # the SigLIP VLM: every image at one size
+        n_images = batch["pixel_values"].shape[0] or int(blank)
+        patches = (cfg.image_size // cfg.vision.patch_size) ** 2
+        if n_images:
+            patch_embedding(vit.embeddings.patch_embedding, n_images * patches)
+            for layer in vit.layers:
+                a = layer.self_attn
+                for lin in (a.q_proj, a.k_proj, a.v_proj):
+                    linear(lin, n_images * patches)
+                attention(n_images * patches ** 2, cfg.vision.hidden_size)
+                for lin in (a.out_proj, layer.fc1, layer.fc2):
+                    linear(lin, n_images * patches)
+            image_tokens = n_images * cfg.image_tokens
     if image_tokens:
         linear(model.projector.fc1, image_tokens)
         linear(model.projector.fc2, image_tokens)

@@ -28,3 +28,22 @@ def greedy_by_full_forward(model, prompt, pixels, n):
             break
         seq.append(nxt)
     return seq[len(prompt):]
+
+
+# The tiny VLM the unit tests share: a 2-layer Qwen2 (32 wide, 4 query / 2 kv heads) reading 32x32 images through
+# a 2-layer SigLIP (8x8 patches, 24 wide) and a pixel shuffle of 2: 4 image tokens an image. Image-pad id 5, stop 3.
+TINY_LM = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4)
+
+
+def tiny_config(lm=None, vision=None, projector=None, **kw):
+    """VLMConfig of the tiny test VLM; lm / vision / projector: dicts of fields to change, kw: VLMConfig fields."""
+    from nanovlm.projector import ProjectorConfig
+    from nanovlm.qwen2 import Qwen2Config
+    from nanovlm.siglip import SiglipConfig
+    from nanovlm.vlm import VLMConfig
+    return VLMConfig(lm=Qwen2Config(**{**TINY_LM, **(lm or {})}), vision=SiglipConfig(**{**TINY_VISION, **(vision or {})}),
+                     projector=ProjectorConfig(**{"shuffle_factor": 2, **(projector or {})}),
+                     **{"image_token_id": 5, "stop_token_ids": (3,), "pad_token_id": 0, **kw})

@@ -8,22 +8,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import randomize
+from conftest import randomize, tiny_config
 from nanovlm import lora
-from nanovlm.projector import ProjectorConfig
-from nanovlm.qwen2 import Qwen2Config
-from nanovlm.siglip import SiglipConfig
-from nanovlm.vlm import VLM, VLMConfig
+from nanovlm.vlm import VLM
 from nanovlm.vlm_train import make_vlm_optimizer, setup_trainable
 
 
 def tiny_vlm(seed=0):
-    cfg = VLMConfig(lm=Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-                    vision=SiglipConfig(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2),
-                    projector=ProjectorConfig(shuffle_factor=1), image_token_id=63, stop_token_ids=(62, 61),
-                    pad_token_id=61)
+    cfg = tiny_config(lm=dict(vocab_size=64, tie_word_embeddings=True),
+                      vision=dict(image_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2),
+                      projector=dict(shuffle_factor=1), image_token_id=63, stop_token_ids=(62, 61), pad_token_id=61)
     return randomize(VLM(cfg), std=0.2, seed=seed).eval()
 
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_config
 from nanovlm.data import VLMDataset, collate, load_dataset
 from nanovlm.numeric import NumericConfig, NumericVLM, format_numbers, format_value, parse_numbers, strip_numbers, symexp, symlog
-from nanovlm.qwen2 import Qwen2Config
-from nanovlm.siglip import SiglipConfig
-from nanovlm.projector import ProjectorConfig
+from nanovlm.siglip import SiglipImages
 from nanovlm.vlm import VLM, VLMConfig
 
 IMG, NUM, STOP = 5, 7, 3
@@ -72,12 +71,8 @@ def test_symlog_inverse():
 
 def tiny_vlm(seed=0, alpha=1.0, transform="symlog", tie=True):
     torch.manual_seed(seed)
-    cfg = VLMConfig(lm=Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie),
-                    vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
-                                        num_hidden_layers=2, num_attention_heads=4),
-                    projector=ProjectorConfig(shuffle_factor=2), image_token_id=IMG, stop_token_ids=(STOP,),
-                    pad_token_id=0, numeric=NumericConfig(NUM, hidden=16, transform=transform, loss_weight=alpha))
+    cfg = tiny_config(lm=dict(vocab_size=32, tie_word_embeddings=tie), image_token_id=IMG, stop_token_ids=(STOP,),
+                      numeric=NumericConfig(NUM, hidden=16, transform=transform, loss_weight=alpha))
     return NumericVLM(cfg).eval()
 
 
@@ -222,18 +217,18 @@ def test_dataset_parses_numbers_in_every_turn():
         {"role": "user", "content": "x is <num><2.5>, y?"}, {"role": "assistant", "content": "<num><-1e3>元"}]},
         {"images": [], "where": "d.json:2", "messages": [{"role": "user", "content": "hi"},
                                                           {"role": "assistant", "content": "<num><7>"}]}]
-    ds = VLMDataset(s, FakeTok(), 8, 4, 100, system=None, numeric=True)
+    ds = VLMDataset(s, FakeTok(), SiglipImages(8, 4), 100, system=None, numeric=True)
     assert ds[0]["num_values"].tolist() == [2.5, -1000.0] and ds[0]["input_ids"].tolist().count(99) == 2
     b = collate([ds[0], ds[1]], pad_id=0)
     assert b["num_values"].tolist() == [2.5, -1000.0, 7.0]
-    digits = VLMDataset(s, FakeTok(), 8, 4, 100, system=None, numeric=False)   # no head: plain digits
+    digits = VLMDataset(s, FakeTok(), SiglipImages(8, 4), 100, system=None, numeric=False)   # no head: plain digits
     assert "num_values" not in digits[0] and 99 not in digits[0]["input_ids"].tolist()
     assert "".join(map(chr, digits[0]["input_ids"].tolist())) == "x is 2.5, y?-1e3元"
     bad = [{"images": [], "where": "d.json:7", "messages": [{"role": "user", "content": "?"},
                                                             {"role": "assistant", "content": "<num><abc>"}]}]
     for numeric in (True, False):
         with pytest.raises(ValueError, match=r"d\.json:7: malformed number"):
-            VLMDataset(bad, FakeTok(), 8, 4, 100, system=None, numeric=numeric)
+            VLMDataset(bad, FakeTok(), SiglipImages(8, 4), 100, system=None, numeric=numeric)
 
 
 def test_synthetic_charts(tmp_path):

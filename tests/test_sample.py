@@ -7,23 +7,17 @@ import torch
 from PIL import Image
 
 import sample
-from conftest import greedy_by_full_forward
-from nanovlm.projector import ProjectorConfig
-from nanovlm.qwen2 import Qwen2Config
-from nanovlm.siglip import SiglipConfig
+from conftest import greedy_by_full_forward, tiny_config
 from nanovlm.tokenizer import train_tiny_tokenizer
-from nanovlm.vlm import VLM, VLMConfig
+from nanovlm.vlm import VLM
 
 
 def make_ckpt(path):
     tok = train_tiny_tokenizer(["What colour is the circle?", "red green blue", "a b c d e f"], vocab_size=300)
     torch.manual_seed(0)
-    cfg = VLMConfig(lm=Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2),
-                    vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
-                                        num_hidden_layers=1, num_attention_heads=2),
-                    projector=ProjectorConfig(shuffle_factor=2), image_token_id=tok.image_pad,
-                    stop_token_ids=(tok.im_end, tok.endoftext), pad_token_id=tok.endoftext, system_prompt=None)
+    cfg = tiny_config(lm=dict(vocab_size=len(tok)), vision=dict(num_hidden_layers=1, num_attention_heads=2),
+                      image_token_id=tok.image_pad, stop_token_ids=(tok.im_end, tok.endoftext),
+                      pad_token_id=tok.endoftext, system_prompt=None)
     model = VLM(cfg).eval()
     with torch.no_grad():   # special tokens get logit 0 (tied head), below the best ordinary one: a real answer
         for t in (tok.endoftext, tok.im_start, tok.im_end, tok.vision_start, tok.vision_end, tok.image_pad, tok.num):
@@ -40,10 +34,11 @@ def test_prompt_about_an_image_streams_the_greedy_answer(tmp_path, capsys):
     sample.main(["--ckpt", str(tmp_path / "ckpt"), "--image", str(image), "--prompt", "What colour is the circle?",
                  "--max-new-tokens", "6", "--device", "cpu"])
     printed = capsys.readouterr().out
-    from nanovlm.data import load_image
+    from nanovlm.data import load_images
+    from nanovlm.siglip import SiglipImages
     ids, _ = tok.encode_chat([{"role": "user", "content": "<image>\nWhat colour is the circle?"}], 4,
                              add_generation_prompt=True, system=None)
-    tokens = greedy_by_full_forward(model, ids, load_image(image, 32, "x")[None], 6)
+    tokens = greedy_by_full_forward(model, ids, load_images([image], SiglipImages(32, 4), "x")["pixel_values"], 6)
     assert len(tokens) == 6 and printed == tok.decode(tokens, skip_special_tokens=True) + "\n"
 
 

@@ -35,11 +35,17 @@ def prompts_and_pixels(model):
     return prompts, pixel_values, [1, 1, 0]
 
 
+def per_prompt(pix, n_img):
+    """The images as rollout takes them: one dict of inputs per prompt."""
+    blocks = pix.split(n_img)
+    return [{"pixel_values": blk} for blk in blocks]
+
+
 def test_rollout_logps_and_masks_match_hand_computation():
     model = biased(tiny_vlm())
     prompts, pix, n_img = prompts_and_pixels(model)
     G, T, max_new = 4, 0.7, 5
-    batch = grpo.rollout(model, prompts, pix, n_img, G, max_new, T, generator=torch.Generator().manual_seed(0))
+    batch = grpo.rollout(model, prompts, per_prompt(pix, n_img), G, max_new, T, generator=torch.Generator().manual_seed(0))
     # The same sampling through plain generate (both stop tokens stop it, neither is returned).
     rows = [p for p in prompts for _ in range(G)]
     rep_pix = torch.cat([pix[0:1]] * G + [pix[1:2]] * G)
@@ -74,7 +80,7 @@ def test_rollout_refuses_greedy():
     model = tiny_vlm()
     prompts, pix, n_img = prompts_and_pixels(model)
     with pytest.raises(ValueError, match="temperature"):
-        grpo.rollout(model, prompts, pix, n_img, 2, 4, 0.0)
+        grpo.rollout(model, prompts, per_prompt(pix, n_img), 2, 4, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- end to end

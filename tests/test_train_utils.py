@@ -210,8 +210,11 @@ def test_train_flops_by_hand():
     model.lm.requires_grad_(False)
     assert train_flops(model, batch) == (conv + vision_linear + vattn + 2 * pfc1 + 3 * pfc2
                                          + 2 * lm_linear + 3 * lattn + 2 * head)
-    # A text-only batch: no image, nothing upstream of the frozen LM trains: forward only.
+    # A text-only batch: the training projector still sees a blank image (VLM.embed), so the same count.
     text = dict(batch, pixel_values=torch.zeros(0, 3, 8, 8))
+    assert train_flops(model, text) == train_flops(model, batch)
+    # Nothing before the frozen LM trains either: no image runs, and the LM runs forward only.
+    model.projector.requires_grad_(False)
     assert train_flops(model, text) == lm_linear + lattn + head
 
 

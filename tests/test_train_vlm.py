@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, randomize
+from conftest import ROOT, randomize, tiny_config
 
 FAST = ["--n-synthetic", "40", "--batch-size", "2", "--eval-every", "1000", "--save-every", "1000",
         "--warmup-steps", "1", "--device", "cpu"]
@@ -176,9 +176,10 @@ def test_splitting_a_batch_changes_nothing(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_text_only_samples_train_under_ddp_and_one_process_evaluates(tmp_path, data_dir):
-    """A mix with text-only samples, vision tower frozen: a micro-batch without images leaves the projector out
-    of the graph, which DDP must be told about. 2 processes x 1 sample == 1 process x 2 micro-batches, and the
-    held-out answers after training are given (and printed) by one process only."""
+    """A mix with text-only samples, vision tower frozen: a micro-batch without images would leave the projector
+    out of the graph (DDP would wait for its gradients forever); VLM.embed runs a blank image instead. 2 processes x
+    1 sample == 1 process x 2 micro-batches, and the held-out answers after training are given (and printed) by
+    one process only."""
     import json
     text = tmp_path / "text.jsonl"
     with open(text, "w") as f:
@@ -193,6 +194,13 @@ def test_text_only_samples_train_under_ddp_and_one_process_evaluates(tmp_path, d
     out = run(common + ["--grad-accum", "1", "--eval-answers", "3", "--out-dir", str(tmp_path / "ddp")], nproc=2)
     assert frac_apart(weights(tmp_path / "accum"), weights(tmp_path / "ddp")) == 0
     assert out.count("held-out answers") == 1
+    # FSDP, the vision tower training too: a process whose micro-batch has no image still runs the (sharded)
+    # vision blocks, on a blank image that counts zero times, so every process gathers and reduces the same weights
+    trains_vision = [a for a in common if a not in ("--lr-vision", "0")]
+    run(trains_vision + ["--grad-accum", "2", "--eval-answers", "0", "--out-dir", str(tmp_path / "accum_vision")])
+    run(trains_vision + ["--grad-accum", "1", "--fsdp", "--eval-answers", "0", "--out-dir", str(tmp_path / "fsdp")],
+        nproc=2)
+    assert frac_apart(weights(tmp_path / "accum_vision"), weights(tmp_path / "fsdp")) == 0
 
 
 def test_fp16_scales_the_loss():
@@ -231,10 +239,15 @@ def test_fsdp_equals_one_process_and_resumes_exactly(tmp_path, data_dir):
     exports them as a plain model.safetensors, and --resume from its sharded state continues exactly."""
     from nanovlm.vlm import VLM
     common = ["train_sft.py", "--data-dir", data_dir, *FAST, "--optimizer", "adamw", "--eval-answers", "0"]
-    run(common + ["--max-steps", "3", "--grad-accum", "4", "--out-dir", str(tmp_path / "one")])
-    run(common + ["--max-steps", "3", "--grad-accum", "2", "--fsdp", "--out-dir", str(tmp_path / "fsdp")], nproc=2)
+    one = run(common + ["--max-steps", "3", "--grad-accum", "4", "--eval-answers", "7", "--out-dir",
+                        str(tmp_path / "one")])
+    sharded = run(common + ["--max-steps", "3", "--grad-accum", "2", "--fsdp", "--eval-answers", "7", "--out-dir",
+                            str(tmp_path / "fsdp")], nproc=2)
     assert (tmp_path / "fsdp" / "train_state.dcp").is_dir()
     assert frac_apart(weights(tmp_path / "one"), weights(tmp_path / "fsdp")) == 0
+    # the held-out answers, given by both processes of the sharded model (4 + 3 questions), add up to one's
+    report = lambda out: out[out.index("question type"):out.index("checkpoint:")]
+    assert sharded.count("question type") == 1 and report(sharded) == report(one)
     VLM.from_pretrained(tmp_path / "fsdp")   # the export is an ordinary checkpoint
     resumed = ["--max-steps", "3", "--grad-accum", "2", "--fsdp", "--out-dir", str(tmp_path / "resumed")]
     run(common + resumed + ["--stop-at-step", "2"], nproc=2)
@@ -245,15 +258,8 @@ def test_fsdp_equals_one_process_and_resumes_exactly(tmp_path, data_dir):
 def test_gradient_checkpointing_gives_the_same_gradients():
     """Recomputing each block's activations in the backward pass changes memory, not the gradients."""
     from nanovlm import train_utils as tu
-    from nanovlm.projector import ProjectorConfig
-    from nanovlm.qwen2 import Qwen2Config
-    from nanovlm.siglip import SiglipConfig
-    from nanovlm.vlm import VLM, VLMConfig
-    cfg = VLMConfig(lm=Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2),
-                    vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
-                                        num_hidden_layers=2, num_attention_heads=4),
-                    projector=ProjectorConfig(shuffle_factor=2), image_token_id=5)
+    from nanovlm.vlm import VLM
+    cfg = tiny_config()
 
     def grads(checkpointed):
         torch.manual_seed(0)
@@ -295,3 +301,48 @@ def test_compile_trains_the_same(tmp_path, data_dir):
     losses = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if "loss" in r]
               for d in ("eager", "compiled")]
     assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+FSDP_GENERATE = '''
+import json, sys, torch, torch.distributed as dist
+from nanovlm import fsdp
+from nanovlm.projector import ProjectorConfig
+from nanovlm.qwen2 import Qwen2Config
+from nanovlm.siglip import SiglipConfig
+from nanovlm.vlm import VLM, VLMConfig
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+cfg = VLMConfig(lm=Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2),
+                vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
+                                    num_hidden_layers=2, num_attention_heads=4),
+                projector=ProjectorConfig(shuffle_factor=2), image_token_id=5, pad_token_id=0)
+model = VLM(cfg).eval()
+for p in model.parameters():   # larger weights: greedy answers that vary from prompt to prompt
+    p.data.normal_(0, 0.3)
+prompts = {0: [[1, 5, 5, 5, 5, 7, 8], [2, 9]], 1: [[3, 4, 6, 10, 11, 12, 13, 14, 15], [7, 7, 8, 9]]}
+pixels = {0: torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)), 1: None}
+first = model.generate(prompts[0], pixels[0], max_new_tokens=1)[0][0]
+cfg.stop_token_ids = (first,)          # rank 0's first row stops at once; rank 1's rows run on
+reference = model.generate(prompts[rank], pixels[rank], max_new_tokens=12)
+fsdp.shard(model, [*model.vision.layers, *model.lm.layers])
+sharded = model.generate(prompts[rank], pixels[rank], max_new_tokens=12)
+json.dump({"reference": reference, "sharded": sharded}, open(f"{sys.argv[1]}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_generation_on_a_sharded_model(tmp_path):
+    """FSDP: every process takes part in generation (the weights are gathered at each step from all of them), each
+    with its own prompts, and they agree when to stop: rank 0's rows finish at once while rank 1's run on. The
+    sharded model answers as the whole model does."""
+    import json
+    script = tmp_path / "fsdp_generate.py"
+    script.write_text(FSDP_GENERATE)
+    run([str(script), str(tmp_path)], nproc=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in results:
+        assert r["sharded"] == r["reference"]
+    assert max(map(len, results[1]["sharded"])) > max(map(len, results[0]["sharded"]))

@@ -3,25 +3,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import cuda, greedy_by_full_forward
+from conftest import cuda, greedy_by_full_forward, tiny_config
 from nanovlm.data import pack
-from nanovlm.projector import ProjectorConfig, pixel_shuffle
-from nanovlm.qwen2 import Qwen2Config
-from nanovlm.siglip import SiglipConfig
+from nanovlm.projector import pixel_shuffle
 from nanovlm.sampling import sample_next
-from nanovlm.vlm import VLM, VLMConfig
+from nanovlm.vlm import VLM
 
 IMG = 5  # image-pad id in these tests
 
 
 def tiny_vlm(seed=0, slot_embedding=False):
     torch.manual_seed(seed)
-    cfg = VLMConfig(lm=Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2),
-                    vision=SiglipConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
-                                        num_hidden_layers=2, num_attention_heads=4),
-                    projector=ProjectorConfig(shuffle_factor=2, slot_embedding=slot_embedding), image_token_id=IMG,
-                    stop_token_ids=(3,), pad_token_id=0)
+    cfg = tiny_config(projector=dict(slot_embedding=slot_embedding))
     return VLM(cfg).eval()
 
 
@@ -105,7 +98,7 @@ def test_packed_batch_loss_and_gradients_equal_each_sample_alone():
         ids = torch.tensor(s)
         labels = torch.full_like(ids, -100)
         labels[f:] = ids[f:]
-        items.append(dict(input_ids=ids, labels=labels, pixel_values=img, where="x"))
+        items.append(dict(input_ids=ids, labels=labels, images={"pixel_values": img}, where="x"))
     b = pack(items, pad_id=0, max_length=12)
     assert b["input_ids"].shape == (2, 11) and b["attention_mask"].max() == 2   # 9 | 7 + 4 share a row
     out = m(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
@@ -113,7 +106,7 @@ def test_packed_batch_loss_and_gradients_equal_each_sample_alone():
     got = torch.autograd.grad(out["loss"], params, allow_unused=True)
     total, n = 0.0, 0
     for it in items:
-        o = m(it["input_ids"][None], it["pixel_values"], labels=it["labels"][None])
+        o = m(it["input_ids"][None], it["images"]["pixel_values"], labels=it["labels"][None])
         total, n = total + o["loss"] * o["n_tokens"], n + o["n_tokens"]
     assert int(out["n_tokens"]) == n and torch.allclose(out["loss"], total / n, atol=1e-6)
     want = torch.autograd.grad(total / n, params, allow_unused=True)
