@@ -56,7 +56,7 @@ __all__ = ["Qwen25VL", "Qwen25VLConfig", "VisionConfig", "preprocess_images", "i
 
 
 QWEN_VL_SYSTEM = "You are a helpful assistant."   # the default system turn of Qwen2.5-VL's chat template
-NANOVLM_FIELDS = {"min_pixels", "max_pixels", "system_prompt", "numeric"}
+NANOVLM_FIELDS = {"min_pixels", "max_pixels", "system_prompt", "numeric", "stop_token_ids", "pad_token_id"}
 
 
 def _qwen25vl_3b_lm():
@@ -77,8 +77,9 @@ class Qwen25VLConfig:
     vision_end_token_id: int = 151653
     stop_token_ids: tuple = (151645, 151643)   # <|im_end|>, <|endoftext|>
     pad_token_id: int = 151643
-    # What a nanovlm training run adds (config.json keeps them under "nanovlm"; the hub's files have none): the
-    # image resolution range and system prompt it trained with, so sampling uses the same, and a numeric head.
+    # What a nanovlm training run adds (config.json keeps them under "nanovlm", with the stop and pad ids; the
+    # hub's files have none): the image resolution range and system prompt it trained with, so sampling uses the
+    # same, and a numeric head.
     min_pixels: int = MIN_PIXELS
     max_pixels: int = MAX_PIXELS
     system_prompt: str = QWEN_VL_SYSTEM
@@ -145,7 +146,8 @@ class Qwen25VLConfig:
             "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
             "vision_config": self.vision.to_hf(), "torch_dtype": dtype, "dtype": dtype,
             "nanovlm": {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "system_prompt": self.system_prompt,
-                        "numeric": asdict(self.numeric) if is_dataclass(self.numeric) else self.numeric},
+                        "numeric": asdict(self.numeric) if is_dataclass(self.numeric) else self.numeric,
+                        "stop_token_ids": list(self.stop_token_ids), "pad_token_id": self.pad_token_id},
         }
 
     def to_dict(self):

@@ -279,6 +279,11 @@ def build_model(args, dist):
         fetch_once_per_machine([args.model], dist)
         path = resolve_checkpoint(args.model)
         model, tok = Qwen25VL.from_pretrained(path).train(), Tokenizer.from_dir(path)
+        if model.cfg.image_token_id != tok.image_pad:
+            raise ValueError(f"{path}: config.json's image_token_id {model.cfg.image_token_id} is not the "
+                             f"tokenizer's <|image_pad|> ({tok.image_pad})")
+        # the stop and pad ids by name from the tokenizer (the hub's config.json names only one eos id)
+        model.cfg.stop_token_ids, model.cfg.pad_token_id = (tok.im_end, tok.endoftext), tok.endoftext
     else:
         fetch_once_per_machine([args.lm, args.vision], dist)
         tok = Tokenizer.from_dir(resolve_checkpoint(args.lm))
