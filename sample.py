@@ -4,10 +4,12 @@
     python sample.py --ckpt out/sft --image photo.jpg                          # chat about the image
     python sample.py --ckpt out/sft --eval data/synthetic/sft_val.json          # exact match + text accuracy
     python sample.py --ckpt out/sft --eval data/synthetic/sft_val.json --num-samples 8 --temperature 1  # + pass@8
+    python sample.py --ckpt out/sft --eval data/synthetic/ocr_val.jsonl --max-new-tokens 48 --out preds.jsonl
     python sample.py --ckpt out/sft --image chart.png --prompt "What is the total?" --temperature 0.7 --top-p 0.9
 """
 
 import argparse
+import json
 
 import torch
 
@@ -25,7 +27,7 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus: the smallest set with this probability")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 64; --eval: 32)")
     # VLM mode
     p.add_argument("--image", default=None, help="VLM: image file the prompt is about")
     p.add_argument("--prompt", default=None, help="VLM: the question (none: interactive chat)")
@@ -34,6 +36,8 @@ def get_args(argv=None):
     p.add_argument("--image-root", default=None, help="VLM: image paths in --eval are relative to this")
     p.add_argument("--limit", type=int, default=None, help="VLM: evaluate only the first N samples")
     p.add_argument("--show", type=int, default=5, help="VLM: print this many evaluated answers")
+    p.add_argument("--out", default=None, help="VLM: with --eval, write one JSON line per sample (question, "
+                   "reference, prediction, scores) to this file")
     p.add_argument("--num-samples", type=int, default=0, help="VLM: with --eval, also sample this many answers "
                    "per question at --temperature (> 0) and report pass@k and their mean exact score")
     return p.parse_args(argv)
@@ -53,10 +57,16 @@ def sample_vlm(args, device):
         if args.num_samples and args.temperature <= 0:
             raise SystemExit(f"--num-samples {args.num_samples} samples answers: give a --temperature > 0 (e.g. 1)")
         samples = load_data(args.eval, args.image_root)
-        report = evaluate_answers(model, tok, samples, limit=args.limit, show=args.show, num_samples=args.num_samples,
-                                  temperature=args.temperature, top_p=args.top_p or 1.0,
+        records = [] if args.out else None
+        report = evaluate_answers(model, tok, samples, max_new_tokens=args.max_new_tokens or 32, limit=args.limit,
+                                  show=args.show, num_samples=args.num_samples, temperature=args.temperature,
+                                  top_p=args.top_p or 1.0, records=records,
                                   generator=torch.Generator(device=device).manual_seed(args.seed))
         print(f"{args.eval}, {min(args.limit or len(samples), len(samples))} samples:\n{format_report(report)}")
+        if args.out:
+            with open(args.out, "w") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            print(f"predictions: {args.out} ({len(records)} lines)")
         return
     g = torch.Generator(device=device).manual_seed(args.seed)
     processor = model.image_processor()

@@ -42,8 +42,12 @@ from nanovlm.cli import run_cli
 from nanovlm.data import fit_lengths, image_token_counts, load_data, load_images
 from nanovlm.evaluate import evaluate_answers, format_report
 from nanovlm.numeric import WithNumericHead
+from nanovlm.tokenizer import IMAGE_TAG
 from nanovlm.vlm_train import (build_model, build_parser, check_resume, make_vlm_optimizer, resolve_args, resume,
                                save_vlm_checkpoint, setup_trainable)
+
+
+CHECKPOINT_SYSTEM = "(the checkpoint's)"   # --system left unset: prompts use the SFT checkpoint's system prompt
 
 
 def parse_args(argv=None):
@@ -64,6 +68,16 @@ def parse_args(argv=None):
     a("--max-new-tokens", type=int, help="longest completion; longer ones are cut off (and get no stop token)")
     a("--eval-answers", type=int, default=500, help="greedy-answer this many --val-data samples before training, "
       "every --eval-every steps and at the end (val_exact, val_text in metrics.jsonl; 0: never)")
+    a("--split-turns", action="store_true", help="every question of a multi-turn conversation becomes a prompt of its "
+      "own (the images, that question, its answer), as held-out sets that ask one question per image do")
+    a("--prompt-suffix", default="", help="text appended to each prompt's question, e.g. an instruction to answer in "
+      "<think>...</think><answer>...</answer> (the format reward checks it; answers are then read from <answer>)")
+    a("--dynamic-sampling", type=int, default=0, metavar="ROUNDS", help="DAPO's dynamic sampling: keep only the "
+      "groups whose rewards differ (a flat group has no signal) and sample up to ROUNDS batches of prompts per "
+      "micro-batch until --batch-size such groups are found (0: off, every group is trained)")
+    a("--log-completions", type=int, default=1, metavar="N", help="print N sampled completions with their "
+      "rewards every --log-every steps")
+    p.set_defaults(system=CHECKPOINT_SYSTEM)   # unlike SFT, the default is the template the model was trained with
     args = resolve_args(p.parse_args(argv))
     if not args.init_from:
         raise SystemExit(f"--init-from is required with --preset {args.preset}: the SFT checkpoint to improve")
@@ -92,6 +106,9 @@ def load_prompts(args, tok, cfg, images, verbose=True):
     for s in samples:
         if len(s["messages"]) < 2 or s["messages"][-1]["role"] != "assistant":
             raise ValueError(f"{s['where']}: GRPO needs a conversation ending with an assistant answer (the solution)")
+    if args.split_turns:
+        samples = [t for s in samples for t in split_turns(s)]
+    samples = [with_suffix(s, args.prompt_suffix) for s in samples]
     # chat_lengths counts without the generation prompt, which is always the same few tokens
     gen = len(tok.encode("<|im_start|>assistant\n"))
     lengths = [n + gen for n in tok.chat_lengths([s["messages"][:-1] for s in samples],
@@ -103,12 +120,50 @@ def load_prompts(args, tok, cfg, images, verbose=True):
     return [samples[i] for i in keep], [lengths[i] for i in keep]
 
 
+def split_turns(sample):
+    """A conversation -> one sample per question: its images, that question alone, its answer (`where` gains
+    "turn k"). The images must all come with the first question; the other columns are the conversation's."""
+    messages, system = sample["messages"], []
+    if messages[0]["role"] == "system":
+        system, messages = messages[:1], messages[1:]
+    first = messages[0]["content"]
+    tags = first.count(IMAGE_TAG)
+    if tags != len(sample["images"]) or any(IMAGE_TAG in m["content"] for m in messages[1:]):
+        raise ValueError(f"{sample['where']}: --split-turns needs every image in the first question")
+    # A later question is asked the way the first one brings in the images: "<image>\nWhere is ...?"
+    end = first.rindex(IMAGE_TAG) + len(IMAGE_TAG) if tags else 0
+    prefix = first[:end + first.startswith("\n", end)]
+    out = []
+    for k in range(0, len(messages) - 1, 2):
+        question = messages[k]["content"] if k == 0 else prefix + messages[k]["content"]
+        turn = system + [{"role": "user", "content": question}, messages[k + 1]]
+        out.append({**sample, "messages": turn, "where": f"{sample['where']} turn {k // 2 + 1}"})
+    return out
+
+
+def with_suffix(sample, suffix):
+    """The sample with suffix appended to its last question (the one the model answers)."""
+    if not suffix:
+        return sample
+    messages = [dict(m) for m in sample["messages"]]
+    messages[-2]["content"] += suffix
+    return {**sample, "messages": messages}
+
+
 def all_mean(values, dist):
     """Mean of a list of floats over all processes (each may hold a different number)."""
     t = torch.tensor([float(np.sum(values)), float(len(values))], dtype=torch.float64, device=dist.device)
     if dist.ddp:
         torch_dist.all_reduce(t)
     return float(t[0] / t[1].clamp(min=1))
+
+
+def all_sum(values, dist):
+    """Sum of a list of numbers over all processes."""
+    t = torch.tensor(float(np.sum(values)), dtype=torch.float64, device=dist.device)
+    if dist.ddp:
+        torch_dist.all_reduce(t)
+    return float(t)
 
 
 def all_mean_std(values, dist):
@@ -137,7 +192,8 @@ def sample_generator(args, step, micro, dist):
 
 
 def make_rollout(model, tok, samples, idx, args, generator):
-    """Prompts idx -> rollout batch with rewards and advantages (grpo.rollout + rewards.combine_rewards)."""
+    """Prompts idx -> rollout batch with rewards and advantages (grpo.rollout + rewards.combine_rewards), and what
+    keep_groups needs to rebuild it from some of its groups (each prompt's ids, images, question and solution)."""
     cfg, processor = model.cfg, model.image_processor()
     device = model.lm.embed_tokens.weight.device
     chosen = [samples[i] for i in idx]
@@ -160,6 +216,36 @@ def make_rollout(model, tok, samples, idx, args, generator):
     batch["advantages"] = grpo.group_advantages(batch["rewards"], G, scale=args.scale_rewards)
     batch["texts"] = texts
     batch["where"] = [s["where"] for s in chosen]   # the prompts' names, for errors
+    batch.update(prompts=prompts, prompt_images=images, solutions=solutions, questions=[s["messages"][-2]["content"] for s in chosen])
+    return batch
+
+
+def informative(rewards, G):
+    """(num_groups,) bool: the groups whose rewards differ (the others have advantage 0: no signal)."""
+    r = rewards.view(-1, G)
+    return r.amax(1) > r.amin(1)
+
+
+def keep_groups(batches, G, limit, pad_id):
+    """Dynamic sampling (DAPO): the groups whose rewards differ, at most `limit` of them, from several rollout
+    batches -> one batch (None if there is none). A flat group has advantage 0 everywhere: it costs a forward and
+    a backward and teaches nothing. Advantages are computed within a group, so a kept group's stay what they were."""
+    kept = [(b, g) for b in batches for g in informative(b["rewards"], G).nonzero().flatten().tolist()][:limit]
+    if not kept:
+        return None
+    rows = [(b, r) for b, g in kept for r in range(g * G, (g + 1) * G)]
+    prompts = [b["prompts"][g] for b, g in kept]
+    images = [b["prompt_images"][g] for b, g in kept]
+    batch = grpo.completion_batch([p for p in prompts for _ in range(G)], [b["completions"][r] for b, r in rows],
+                                  pad_id)
+    batch.update(images=grpo.repeat_prompts(prompts, images, G)[1], prompt_images=images,
+                 stopped=torch.stack([b["stopped"][r] for b, r in rows]),
+                 rewards=torch.stack([b["rewards"][r] for b, r in rows]),
+                 advantages=torch.stack([b["advantages"][r] for b, r in rows]),
+                 per_function={k: [b["per_function"][k][r] for b, r in rows] for k in batches[0]["per_function"]},
+                 texts=[b["texts"][r] for b, r in rows], prompts=prompts,
+                 solutions=[b["solutions"][g] for b, g in kept], questions=[b["questions"][g] for b, g in kept],
+                 where=[b["where"][g] for b, g in kept])
     return batch
 
 
@@ -178,45 +264,65 @@ def reference_logps(model, ref_model, batch, args):
     if args.beta == 0:
         return None
     if ref_model is not None:
-        return grpo.completion_logps(ref_model, batch, args.temperature)
+        return grpo.shared_prompt_logps(ref_model, batch, args.temperature)
     with lora.adapters_disabled(model):
-        return grpo.completion_logps(model, batch, args.temperature)
+        return grpo.shared_prompt_logps(model, batch, args.temperature)
 
 
 def rollout_step(model, ref_model, tok, samples, lengths, args, step, dist, ctx):
     """1. This process's prompts of the step (train_utils.batch_indices: exact on --resume), G completions each,
-    scored, with the reference and (for several updates per batch) the sampling policy's log-probs."""
+    scored, with the reference and (for several updates per batch) the sampling policy's log-probs.
+
+    With --dynamic-sampling R, a micro-batch samples up to R batches of prompts (draws step * R + round of the
+    prompt stream, so --resume stays exact) until --batch-size groups with differing rewards are found, and
+    trains on those only. Returns (the micro-batches to train on, every batch sampled: for the metrics)."""
     model.eval()
-    rollouts = []
+    rounds = max(1, args.dynamic_sampling)
+    rollouts, sampled = [], []
     for micro in range(args.grad_accum):
-        idx = tu.batch_indices(step, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
-                               len(samples), args.seed, lengths)
+        batches = []
+        for r in range(rounds):
+            draw = step * rounds + r
+            idx = tu.batch_indices(draw, micro, dist.rank, dist.world_size, args.batch_size, args.grad_accum,
+                                   len(samples), args.seed, lengths)
+            with ctx:
+                batches.append(make_rollout(model, tok, samples, idx, args, sample_generator(args, draw, micro, dist)))
+            found = sum(int(informative(b["rewards"], args.num_generations).sum()) for b in batches)
+            if not args.dynamic_sampling or found >= args.batch_size:
+                break
+        sampled += batches
+        b = (keep_groups(batches, args.num_generations, args.batch_size, model.cfg.pad_token_id)
+             if args.dynamic_sampling else batches[0])
+        if b is None:   # not one group with a signal: nothing to train on in this micro-batch
+            continue
         with ctx:
-            b = make_rollout(model, tok, samples, idx, args, sample_generator(args, step, micro, dist))
             b["ref_logps"] = reference_logps(model, ref_model, b, args)
             with torch.no_grad():   # pi_old: needed only when the batch is reused for several updates
-                b["old_logps"] = grpo.completion_logps(model, b, args.temperature) if args.num_iterations > 1 else None
+                b["old_logps"] = (grpo.shared_prompt_logps(model, b, args.temperature) if args.num_iterations > 1
+                                  else None)
         rollouts.append(b)
-    return rollouts
+    return rollouts, sampled
 
 
 def update_step(model, opt, rollouts, args, step, dist, ctx):
     """2. --num-iterations optimizer updates on the rollout batch. Returns (per-micro-batch metrics, grad norm).
 
     Gradients are averaged over processes by hand (average_gradients: one all_reduce per update) rather than by
-    wrapping the model in DDP, because the log-probs come from grpo.completion_logps, a forward of its own that
+    wrapping the model in DDP, because the log-probs come from grpo.shared_prompt_logps, a forward of its own that
     DDP's wrapper would never see."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_tokens = torch.tensor(float(sum(int(b["completion_mask"].sum()) for b in rollouts)), device=dist.device)
     if dist.ddp:
         torch_dist.all_reduce(n_tokens)   # dapo divides by the tokens of the whole generation batch
-    stats = {}
+    stats, grad_norm = {}, torch.zeros(())
+    if n_tokens == 0:   # dynamic sampling found no group with a signal on any process: no update this step
+        return stats, grad_norm
     for _ in range(args.num_iterations):
         for b in rollouts:
             mask = b["completion_mask"].to(dist.device)
             with ctx:
-                logps, entropy = grpo.completion_logps(model, b, args.temperature, with_entropy=True)
+                logps, entropy = grpo.shared_prompt_logps(model, b, args.temperature, with_entropy=True)
                 loss, m = grpo.grpo_loss(logps, b["old_logps"], b["ref_logps"], b["advantages"].to(dist.device),
                                          mask, args.beta, args.eps_low, args.eps_high, args.loss_type,
                                          args.max_new_tokens, n_tokens)
@@ -234,18 +340,35 @@ def update_step(model, opt, rollouts, args, step, dist, ctx):
     return stats, grad_norm
 
 
-def step_metrics(rollouts, stats, args, dist):
-    """3. The step's metrics, averaged over processes: rewards (total and per function), the update's metrics,
-    the fraction of groups whose completions all scored the same (no signal) and of completions cut off."""
+def step_metrics(rollouts, sampled, stats, args, dist):
+    """3. The step's metrics, averaged over processes: the rewards of every completion sampled (total and per
+    function: the policy's score on fresh prompts), the update's metrics, the fraction of sampled groups whose
+    completions all scored the same (no signal), of groups trained on (dynamic sampling) and of completions cut off."""
     G = args.num_generations
     row = {k: all_mean(v, dist) for k, v in stats.items()}
-    row["reward"], row["reward_std"] = all_mean_std(torch.cat([b["rewards"] for b in rollouts]).tolist(), dist)
+    row["reward"], row["reward_std"] = all_mean_std(torch.cat([b["rewards"] for b in sampled]).tolist(), dist)
     for name in args.reward_funcs:
         row[f"reward_{name}"], row[f"reward_{name}_std"] = all_mean_std(
-            [x for b in rollouts for x in b["per_function"][name]], dist)
-    row["frac_zero_std_groups"] = all_mean([grpo.frac_zero_std_groups(b["rewards"], G) for b in rollouts], dist)
-    row["frac_truncated"] = all_mean([float(not s) for b in rollouts for s in b["stopped"].tolist()], dist)
+            [x for b in sampled for x in b["per_function"][name]], dist)
+    row["frac_zero_std_groups"] = all_mean([float(not x) for b in sampled for x in informative(b["rewards"], G)], dist)
+    row["frac_truncated"] = all_mean([float(not s) for b in sampled for s in b["stopped"].tolist()], dist)
+    if args.dynamic_sampling:
+        n_kept = all_sum([len(b["prompts"]) for b in rollouts], dist)
+        row["frac_groups_kept"] = n_kept / all_sum([len(b["prompts"]) for b in sampled], dist)
+        row["groups_trained"] = n_kept / (args.grad_accum * dist.world_size)   # per micro-batch
     return row
+
+
+def log_completions(batch, args, step):
+    """--log-completions: the first N completions of the step's first trained batch, with their rewards."""
+    G, n = args.num_generations, min(args.log_completions, len(batch["texts"]))
+    lines = [f"step {step}: {n} sampled completions"]
+    for i in range(n):
+        scores = " ".join(f"{k} {v[i]:.2f}" for k, v in batch["per_function"].items())
+        lines.append(f"  {batch['questions'][i // G]!r} -> {batch['texts'][i]!r} (solution "
+                     f"{batch['solutions'][i // G]!r}): reward {float(batch['rewards'][i]):.2f} [{scores}], "
+                     f"advantage {float(batch['advantages'][i]):+.2f}")
+    tqdm.write("\n".join(lines))
 
 
 def held_out(model, tok, val_samples, updates, args, log):
@@ -253,9 +376,11 @@ def held_out(model, tok, val_samples, updates, args, log):
     curve starts from the SFT model itself and uses the evaluation sample.py --eval uses."""
     if not val_samples:
         return None
-    report = evaluate_answers(model, tok, val_samples, limit=args.eval_answers, max_new_tokens=args.max_new_tokens)
+    report = evaluate_answers(model, tok, val_samples, limit=args.eval_answers, max_new_tokens=args.max_new_tokens,
+                              answer_tags=bool(args.prompt_suffix))
     r = report["all"]
-    log.log(updates, val_exact=r["exact"], val_text=r["text"])
+    log.log(updates, val_exact=r["exact"], val_text=r["text"],
+            **{f"val_exact_{k}": v["exact"] for k, v in report.items() if k != "all"})   # per question type
     tqdm.write(f"held-out after {updates} steps: exact {r['exact']:.1%}, text {r['text']:.1%}")
     return report
 
@@ -271,6 +396,8 @@ def main(argv=None):
     if isinstance(model, WithNumericHead):
         raise SystemExit(f"{args.init_from} has a numeric head; GRPO does not support it yet")
     model.to(dist.device)
+    if args.system != CHECKPOINT_SYSTEM:   # saved with the checkpoint: sampling and evaluation use the same template
+        model.cfg.system_prompt = args.system
     samples, lengths = load_prompts(args, tok, model.cfg, model.image_processor(), verbose=dist.is_main)
     lengths = tuple(lengths) if args.group_by_length else None   # prompts of similar length: less padding
     opt = make_vlm_optimizer(setup_trainable(model, args), args)   # LoRA adapters first when --lora-rank > 0
@@ -288,7 +415,7 @@ def main(argv=None):
               f"{args.batch_size * args.grad_accum * dist.world_size} prompts x {args.num_generations} completions "
               f"per step, {dist.world_size} process(es)")
     # only the main process evaluates, so only it reads the held-out file
-    val_samples = (load_data(args.val_data, args.image_root)
+    val_samples = ([with_suffix(s, args.prompt_suffix) for s in load_data(args.val_data, args.image_root)]
                    if args.val_data and args.eval_answers and dist.is_main else None)
 
     report = before = held_out(model, tok, val_samples, 0, args, log) if start_step == 0 else None
@@ -296,16 +423,21 @@ def main(argv=None):
                disable=not dist.is_main, desc="grpo")
     stop = tu.StopOnCtrlC(dist, out_dir)   # Ctrl-C: finish the step, save, stop; twice: abort at once
     for step in bar:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         lr = tu.set_lr(opt, step, args.max_steps, args.warmup_steps, args.min_lr_ratio)
-        rollouts = rollout_step(model, ref_model, tok, samples, lengths, args, step, dist, ctx)
+        rollouts, sampled = rollout_step(model, ref_model, tok, samples, lengths, args, step, dist, ctx)
         stats, grad_norm = update_step(model, opt, rollouts, args, step, dist, ctx)
-        row = step_metrics(rollouts, stats, args, dist)
-        row.update(lr=lr, grad_norm=float(grad_norm), step_time=time.time() - t0)
+        row = step_metrics(rollouts, sampled, stats, args, dist)
+        # step_cpu: CPU seconds of this process (all its threads), which a busy machine does not inflate as it does
+        # step_time, the wall-clock seconds
+        row.update(lr=lr, grad_norm=float(grad_norm), step_time=time.time() - t0, step_cpu=time.process_time() - c0)
         log.log(step, **row)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['completion_length']:.1f}")
-        if dist.is_main and step % 10 == 0:
-            tqdm.write(f"step {step}: reward {row['reward']:.3f}  e.g. {rollouts[0]['texts'][0]!r}")
+        bar.set_postfix(reward=f"{row['reward']:.3f}", flat=f"{row['frac_zero_std_groups']:.2f}")
+        if dist.is_main and step % args.log_every == 0:
+            tqdm.write(f"step {step}: reward {row['reward']:.3f}, {row['frac_zero_std_groups']:.0%} of the groups flat"
+                       + (f", entropy {row['entropy']:.3f}" if "entropy" in row else ""))
+            if args.log_completions and rollouts:
+                log_completions(rollouts[0], args, step)
         last = step == args.max_steps - 1 or step + 1 == args.stop_at_step
         stopping = stop.requested()
         if (step + 1) % args.eval_every == 0 or last:
@@ -314,6 +446,8 @@ def main(argv=None):
             save_vlm_checkpoint(out_dir, model, tok, opt, step + 1, args, dist)
             log.plot(["reward"] + [f"reward_{n}" for n in args.reward_funcs] + ["val_text", "val_exact"], "reward.png",
                      title="GRPO: training reward, held-out answers")
+            log.plot(["frac_zero_std_groups", "frac_groups_kept", "entropy", "kl"], "groups.png",
+                     title="GRPO: flat groups, groups kept, entropy (nats/token), KL")
         if stopping:
             raise tu.Interrupted(step + 1, out_dir)   # one line (run_cli), exit code 130
         if step + 1 == args.stop_at_step:

@@ -25,15 +25,19 @@ from tqdm import tqdm
 from nanovlm.data import load_images
 from nanovlm.grpo import repeat_prompts
 from nanovlm.numeric import WithNumericHead, decode_numeric, split_numbers, strip_numbers
-from nanovlm.rewards import text_accuracy
+from nanovlm.rewards import extract_answer, text_accuracy
 
 
 @torch.no_grad()
 def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32, limit=None, show=0,
-                     num_samples=0, temperature=1.0, top_p=1.0, generator=None, dist=None):
+                     num_samples=0, temperature=1.0, top_p=1.0, generator=None, answer_tags=False, records=None,
+                     dist=None):
     """Greedy answers to every sample's final assistant turn, with the chat template and image processing the
     model was trained with (model.cfg, model.image_processor()). Returns {qtype: {"n", "exact", "text"}} plus
     "all"; with num_samples = k > 0 each also has "pass@k" and "sampled" (module docstring).
+    answer_tags: score the text inside the answer's last <answer>...</answer> (rewards.extract_answer), for
+    prompts that ask for that format. records: a list that gets one dict per sample this process answered (where,
+    question, reference, prediction, exact, text; with num_samples the sampled answers too).
     dist (train_utils.Dist): call on every process; each answers every W-th question and the scores are summed
     over the processes (every process gets the whole report). A sharded (FSDP) model needs it: every process
     must take part in every generation, so each runs as many batches, the last ones maybe repeats it ignores."""
@@ -74,18 +78,25 @@ def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32
             pixels = {k: v.to(device) for k, v in pixels.items()}
             if not numeric:
                 outs = model.generate(rows, **pixels, max_new_tokens=max_new_tokens, **sampling)
-                return [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
-            nums = [v for vs in values for _ in range(n) for v in vs]
-            outs, preds = model.generate_numbers(rows, num_values=nums, **pixels, max_new_tokens=max_new_tokens,
-                                                 **sampling)
-            return [decode_numeric(tokenizer, out, pred)[0].strip() for out, pred in zip(outs, preds)]
+                texts = [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
+            else:
+                nums = [v for vs in values for _ in range(n) for v in vs]
+                outs, preds = model.generate_numbers(rows, num_values=nums, **pixels, max_new_tokens=max_new_tokens,
+                                                     **sampling)
+                texts = [decode_numeric(tokenizer, out, pred)[0].strip() for out, pred in zip(outs, preds)]
+            return [extract_answer(t) for t in texts] if answer_tags else texts
 
         greedy = answers(1)
         if num_samples:
             drawn = answers(num_samples, temperature=temperature, top_p=top_p, generator=generator)
         for k, (s, pred, ref) in enumerate(zip(chunk, greedy, refs) if counted else ()):
             if num_samples:
-                hits = [float(a == ref) for a in drawn[k * num_samples:(k + 1) * num_samples]]
+                sampled = drawn[k * num_samples:(k + 1) * num_samples]
+                hits = [float(a == ref) for a in sampled]
+            if records is not None:
+                records.append({"where": s["where"], "qtype": s.get("qtype"), "question": s["messages"][-2]["content"],
+                                "reference": ref, "prediction": pred, "exact": float(pred == ref),
+                                "text": text_accuracy(pred, ref), **({"sampled": sampled} if num_samples else {})})
             for key in (s.get("qtype", "all"), "all") if s.get("qtype") else ("all",):
                 scores[key]["n"] += 1
                 scores[key]["exact"] += float(pred == ref)

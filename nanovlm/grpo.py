@@ -38,7 +38,7 @@ How per-token losses become one number matters with completions of unequal lengt
 import torch
 import torch.nn.functional as F
 
-from nanovlm.attention import Packing
+from nanovlm.attention import KVCache, Packing
 from nanovlm.data import cat_images
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -310,6 +310,44 @@ def completion_logps(model, batch, temperature, with_entropy=False):
     start = batch["prompt_lengths"].to(device)[:, None] - 1                         # (B, 1)
     pos = (start + torch.arange(completion.shape[1], device=device)[None]).clamp(max=T - 1)  # (B, C)
     h = h.gather(1, pos[..., None].expand(-1, -1, D))                               # (B, C, hidden)
+    logits = model.lm.logits(h).float() / temperature                               # (B, C, vocab)
+    logps = logits.gather(-1, completion[..., None]).squeeze(-1) - logits.logsumexp(-1)   # (B, C)
+    if not with_entropy:
+        return logps
+    with torch.no_grad():
+        return logps, entropy_from_logits(logits.detach())
+
+
+def shared_prompt_logps(model, batch, temperature, with_entropy=False):
+    """completion_logps with each prompt and its images through the model once per group, not once per completion.
+
+    A group's G completions share their prompt, and the prompt (the image tokens and the question, most of each
+    row) is what costs: its keys and values are computed once, with gradients, and each completion attends to
+    them through a KV cache holding G copies (repeat_interleave, which sums the G copies' gradients on the way
+    back). The log-probs, and their gradients, are those of completion_logps, for roughly 1/G of its cost.
+    Needs batch["prompts"] (the n_prompts token lists), batch["prompt_images"] (one dict of image inputs per
+    prompt, not repeated, as rollout takes them) and completion_ids (n_prompts * G, C) laid out group by group,
+    as rollout makes them. The prompts go through model.prefill, which for Qwen2.5-VL also sets the cache's MRoPE
+    position offsets: the completions are text, through the plain decoder.
+    """
+    device = model.lm.embed_tokens.weight.device
+    prompts, completion = batch["prompts"], batch["completion_ids"].to(device)      # completion: (B, C)
+    P, (B, C) = len(prompts), completion.shape
+    G = B // P
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.full((P, int(lengths.max())), model.cfg.pad_token_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p, device=device)
+    mask = torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]       # (P, Tp), right-padded
+    images = {k: v.to(device) for k, v in cat_images(batch["prompt_images"]).items()}
+    lm = model.lm.cfg
+    cache = KVCache(lm.num_hidden_layers, P, ids.shape[1] + C, lm.num_key_value_heads, lm.head_dim,
+                    dtype=model.lm.embed_tokens.weight.dtype, device=device)
+    h = model.prefill(ids, mask, cache, **images)                                   # (P, Tp, hidden)
+    h = h[torch.arange(P, device=device), lengths - 1].repeat_interleave(G, 0)[:, None]     # (B, 1, hidden)
+    if C > 1:   # tokens 0..C-2 of each completion, after its prompt's cached keys: they predict tokens 1..C-1
+        h = torch.cat([h, model.lm.hidden_states(inputs_embeds=model.lm.embed_tokens(completion[:, :-1]),
+                                                 cache=cache.repeat_interleave(G))], 1)   # (B, C, hidden)
     logits = model.lm.logits(h).float() / temperature                               # (B, C, vocab)
     logps = logits.gather(-1, completion[..., None]).squeeze(-1) - logits.logsumexp(-1)   # (B, C)
     if not with_entropy:

@@ -5,7 +5,7 @@ and the Qwen2.5 decoder with multimodal rotary positions (MRoPE).
     pixel_values, grid_thw = preprocess_images(images, min_pixels=..., max_pixels=...)
     model = Qwen25VL.from_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")    # or a local directory; dtype= optional
     logits = model(input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw)   # (B, T, vocab)
-    out = model.generate([prompt_ids], pixel_values, grid_thw, max_new_tokens=64)   # new-token lists
+    out = model.generate([prompt_ids], pixel_values, image_grid_thw=grid_thw, max_new_tokens=64)   # new-token lists
 
 The pieces, each in its file:
 - nanovlm/qwen2_5_vl_processor.py: images -> patches at (almost) native resolution (smart_resize).
@@ -42,13 +42,12 @@ import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 
-from nanovlm.attention import KVCache, Packing
+from nanovlm.attention import Packing
 from nanovlm.qwen2 import Qwen2, Qwen2Config, rope_cos_sin
 from nanovlm.qwen2_5_vl_processor import (MAX_PIXELS, MIN_PIXELS, Qwen25VLImages, image_grid,  # noqa: F401 (API)
                                            preprocess_images, smart_resize)
 from nanovlm.qwen2_5_vl_vision import PatchMerger, VisionConfig, VisionTower
-from nanovlm.sampling import sample_next
-from nanovlm.vlm import STOP_CHECK_EVERY, VLM, all_done
+from nanovlm.vlm import VLM
 from nanovlm.weights import config_dtype, load_mapped, read_config, read_safetensors, resolve_checkpoint, save_mapped
 
 __all__ = ["Qwen25VL", "Qwen25VLConfig", "VisionConfig", "preprocess_images", "image_grid", "smart_resize",
@@ -234,8 +233,8 @@ class Qwen25VL(nn.Module):
             self.projector.apply(Qwen2._init_weights)
 
     # The loss and its token counts, and generation's hooks (the next token's logits, its input embedding, a
-    # decoding step), are the SigLIP VLM's as they are: after the image features are in, both models are the
-    # same Qwen2 decoder. (Decoding reuses VLM.decode_step: see generate.)
+    # decoding step), are the SigLIP VLM's as they are: after the image features are in and the prompt's MRoPE
+    # positions are in the cache (prefill), both models are the same Qwen2 decoder.
     outputs, loss_counts, vision_side_trains = VLM.outputs, VLM.loss_counts, VLM.vision_side_trains
     next_logits, step_embed, decode_step, compiled_decode_step = (VLM.next_logits, VLM.step_embed, VLM.decode_step,
                                                                    VLM.compiled_decode_step)
@@ -332,65 +331,8 @@ class Qwen25VL(nn.Module):
         cache.offset = deltas.to(cache.offset)
         return h
 
-    @torch.no_grad()
-    def generate(self, prompts, pixel_values=None, image_grid_thw=None, max_new_tokens=64, temperature=0.0,
-                 top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None, on_token=None, include_stop=False,
-                 num_samples=1, compile=False, **embed_kw):
-        """Sample continuations of a batch of prompts together, with a KV cache: VLM.generate's arguments and loop
-        (nanovlm/vlm.py explains them), the images given as pixel_values and image_grid_thw.
-
-        prompts: list of token-id lists (lengths may differ); their image-pad runs take the images in order.
-        num_samples: continue each prompt that many times (rows p0, p0, ..., p1, ...), the prompts run once.
-        Returns a list of new-token lists, one per prompt (per sample)."""
-        device = self.lm.embed_tokens.weight.device
-        B, T = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, T), self.cfg.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(B, T, dtype=torch.bool)
-        for b, p in enumerate(prompts):            # right padding: the cache keeps each row's length
-            ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-            mask[b, :len(p)] = True
-        ids, mask, last = ids.to(device), mask.to(device), torch.tensor([len(p) - 1 for p in prompts], device=device)
-        lm = self.cfg.lm
-        # The cache holds k, v as attention gets them: in the autocast dtype under torch.autocast.
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
-            self.lm.embed_tokens.weight.dtype
-        size = -(-(T + max_new_tokens) // 64) * 64   # rounded up: fewer distinct shapes for a compiled step
-        cache = KVCache(lm.num_hidden_layers, B, size, lm.num_key_value_heads, lm.head_dim, dtype, device)
-        h = self.prefill(ids, mask, cache, pixel_values, image_grid_thw, **embed_kw)           # (B, T, C)
-        h = h[torch.arange(B, device=device), last]                                           # (B, C) last real
-        if num_samples > 1:
-            cache = cache.repeat_interleave(num_samples)
-            h, ids, mask = (t.repeat_interleave(num_samples, 0) for t in (h, ids, mask))
-            B *= num_samples
-        logits = self.next_logits(h)                                                          # (B, vocab)
-        seen = None
-        if repetition_penalty != 1.0:   # the tokens each row has seen so far; -1 = none yet
-            seen = torch.cat([ids.masked_fill(~mask, -1), ids.new_full((B, max_new_tokens), -1)], 1)
-        tokens = torch.full((B, max_new_tokens), self.cfg.pad_token_id, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        stops = torch.tensor(self.cfg.stop_token_ids, device=device)
-        step = self.compiled_decode_step(cache) if compile else self.decode_step
-        check_every = 1 if device.type == "cpu" else STOP_CHECK_EVERY
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)  # (B,)
-            tokens[:, i] = nxt                   # stops too: each row is cut at its first stop at the end
-            done |= torch.isin(nxt, stops)
-            if on_token is not None:             # streaming: the rows still going, without their stop token
-                for b, (t, d) in enumerate(zip(nxt.tolist(), done.tolist())):
-                    if not d:
-                        on_token(b, t)
-            nxt = nxt.masked_fill(done, self.cfg.pad_token_id)   # finished rows run along, their output ignored
-            x = self.step_embed(nxt, h)                                                        # (B, 1, C)
-            if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and all_done(done, self)):
-                break
-            if seen is not None:
-                seen[:, T + i] = nxt
-            h, logits = step(x, cache)                                                        # (B, C), (B, vocab)
-        stop_ids, out = set(self.cfg.stop_token_ids), []
-        for row in tokens[:, :i + 1].tolist():
-            end = next((j for j, t in enumerate(row) if t in stop_ids), None)
-            out.append(row if end is None else row[:end + include_stop])
-        return out
+    # Generation is VLM.generate as it is (image_grid_thw goes with embed_kw to prefill above).
+    generate = VLM.generate
 
     # ---- official checkpoints -------------------------------------------------------------------------------
 

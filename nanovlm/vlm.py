@@ -212,8 +212,7 @@ class VLM(nn.Module):
             self.lm.embed_tokens.weight.dtype
         size = -(-(T + max_new_tokens) // 64) * 64   # rounded up: fewer distinct shapes for a compiled step
         cache = KVCache(lm.num_hidden_layers, B, size, lm.num_key_value_heads, lm.head_dim, dtype, device)
-        x = self.embed(ids, pixel_values, **embed_kw)
-        h = self.lm.hidden_states(inputs_embeds=x, attention_mask=mask, cache=cache)           # (B, T, C)
+        h = self.prefill(ids, mask, cache, pixel_values, **embed_kw)                          # (B, T, C)
         h = h[torch.arange(B, device=device), last]                                           # (B, C) last real
         if num_samples > 1:
             cache = cache.repeat_interleave(num_samples)
@@ -249,6 +248,13 @@ class VLM(nn.Module):
             end = next((j for j, t in enumerate(row) if t in stop_ids), None)
             out.append(row if end is None else row[:end + include_stop])
         return out
+
+    def prefill(self, input_ids, attention_mask, cache, pixel_values=None, **embed_kw):
+        """The prompts (right-padded, attention_mask 1...1 0...0) and their images into a fresh KVCache: -> final
+        states (B, T, C). Every later token goes through the plain decoder with the cache (decode_step, and GRPO's
+        completion pass); Qwen25VL.prefill also sets the cache's position offsets."""
+        x = self.embed(input_ids, pixel_values, **embed_kw)
+        return self.lm.hidden_states(inputs_embeds=x, attention_mask=attention_mask, cache=cache)
 
     def next_logits(self, h):
         """(B, C) -> fp32 logits (B, vocab) of the next token. An image-pad token is never an output: images come

@@ -113,6 +113,41 @@ def test_eval_num_samples_needs_a_temperature(tmp_path):
                      "--device", "cpu"])
 
 
+def test_eval_honours_max_new_tokens_and_writes_predictions(tmp_path):
+    """--eval --max-new-tokens 3 --out FILE: one JSON line per sample whose prediction is the 3-token greedy answer
+    (the tiny model never stops early: its stop tokens have logit 0), scored against the reference."""
+    from nanovlm.data import load_images
+    from nanovlm.siglip import SiglipImages
+    model, tok = make_ckpt(tmp_path / "ckpt")
+    samples = eval_rows(tmp_path)
+    sample.main(["--ckpt", str(tmp_path / "ckpt"), "--eval", str(tmp_path / "val.json"), "--max-new-tokens", "3",
+                 "--out", str(tmp_path / "preds.jsonl"), "--device", "cpu"])
+    rows = [json.loads(line) for line in open(tmp_path / "preds.jsonl")]
+    assert [r["where"] for r in rows] == [s["where"] for s in samples]
+    for r, s in zip(rows, samples):
+        ids, _ = tok.encode_chat(s["messages"][:-1], 4, add_generation_prompt=True, system=None)
+        pixels = load_images(s["images"], SiglipImages(32, 4), "x")["pixel_values"] if s["images"] else None
+        tokens = greedy_by_full_forward(model, ids, pixels, 3)
+        assert len(tokens) == 3 and r["prediction"] == tok.decode(tokens, skip_special_tokens=True).strip()
+        assert r["reference"] == s["messages"][-1]["content"] and r["exact"] == float(r["prediction"] == r["reference"])
+        assert r["question"] == s["messages"][-2]["content"]
+
+
+def test_answer_tags_score_the_text_inside_answer(tmp_path):
+    """answer_tags=True (a prompt suffix that asks for <answer>...</answer>): the scored prediction is the text in
+    the last answer tag; without the tags the whole answer is scored, as before."""
+    from nanovlm.evaluate import evaluate_answers
+    model, tok = make_ckpt(tmp_path / "ckpt")
+    samples = eval_rows(tmp_path)
+    model.generate = lambda prompts, pixel_values=None, **kw: [tok.encode(a) for a in
+                                                               ["<think>red?</think><answer>red</answer>", "a"]]
+    records = []
+    report = evaluate_answers(model, tok, samples, answer_tags=True, records=records)
+    assert [r["prediction"] for r in records] == ["red", "a"] and report["all"]["exact"] == 1.0
+    report = evaluate_answers(model, tok, samples)
+    assert report["colour"]["exact"] == 0.0 and report["text"]["exact"] == 1.0
+
+
 def test_dtype_flag_loads_the_weights_in_that_dtype(tmp_path, monkeypatch):
     """--dtype bf16 generates with bf16 weights (CPU included); auto is fp32 on a CPU."""
     make_ckpt(tmp_path / "ckpt")
