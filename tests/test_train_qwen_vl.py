@@ -32,11 +32,17 @@ def hub(tmp_path_factory):
                   fullatt_block_indexes=[1], window_size=112)
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=tok.image_pad,
                            video_token_id=len(tok) + 1, vision_start_token_id=tok.vision_start,
-                           vision_end_token_id=tok.vision_end, tie_word_embeddings=True)
+                           vision_end_token_id=tok.vision_end, bos_token_id=tok.endoftext, eos_token_id=tok.im_end,
+                           tie_word_embeddings=True)
     torch.manual_seed(0)
     randomize(Qwen2_5_VLForConditionalGeneration(cfg), std=0.05).save_pretrained(root / "hub")
     tok.save(str(root / "hub"))
     return root
+
+
+def first_image(root):
+    folder = root / "data" / "images" / "train"
+    return str(folder / sorted(os.listdir(folder))[0])
 
 
 def sft_args(root, out, *extra):
@@ -55,7 +61,7 @@ def transformers_logits(path, model, root):
     from nanovlm.data import load_images
     from nanovlm.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(path)
-    image = str(root / "data" / "images" / sorted(os.listdir(root / "data" / "images"))[0])
+    image = first_image(root)
     images = model.image_processor()
     inputs = load_images([image], images, "test")
     ids, _ = tok.encode_chat([{"role": "user", "content": "<image>\nWhat is it?"}], [images.image_tokens(image)],
@@ -63,7 +69,8 @@ def transformers_logits(path, model, root):
     ids = torch.tensor([ids])
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
     with torch.no_grad():
-        theirs = ref(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits
+        theirs = ref(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs,
+                     mm_token_type_ids=(ids == tok.image_pad).int()).logits   # transformers 5: where the images are
         ours = model(ids, **inputs)
     return theirs[0], ours[0]
 
@@ -134,7 +141,7 @@ def test_tiny_preset_end_to_end_and_sample(tiny, capsys):
     tok = Tokenizer.from_dir(d / "sft")
     assert model.cfg.stop_token_ids == (tok.im_end, tok.endoftext) and model.cfg.system_prompt is None
     images = model.image_processor()
-    image = str(d / "data" / "images" / sorted(os.listdir(d / "data" / "images"))[0])
+    image = first_image(d)
     assert Image.open(image).size == (96, 96) and images.image_tokens(image) == 9
     sample.main(["--ckpt", str(d / "sft"), "--image", image, "--prompt", "What shape is in the top left?",
                  "--max-new-tokens", "5", "--device", "cpu"])
@@ -163,9 +170,10 @@ def test_numeric_head_on_qwen_vl(tiny, capsys):
     from nanovlm.numeric import NumericQwen25VL
     d, _ = tiny
     count = d / "count.json"
-    rows = [{"image": f"{d}/data/images/{name}", "conversations": [
+    folder = d / "data" / "images" / "train"
+    rows = [{"image": str(folder / name), "conversations": [
         {"from": "human", "value": "<image>\nHow many shapes?"}, {"from": "gpt", "value": f"<num>{i % 4}"}]}
-        for i, name in enumerate(sorted(os.listdir(d / "data" / "images"))[:8])]
+        for i, name in enumerate(sorted(os.listdir(folder))[:8])]
     count.write_text(json.dumps(rows))
     run(["train_sft.py", "--preset", "tiny-qwen-vl", "--init-from", str(d / "sft"), "--numeric", "--data", str(count),
          "--batch-size", "4", "--max-steps", "2", "--warmup-steps", "0", "--eval-answers", "0", "--data-dir",
