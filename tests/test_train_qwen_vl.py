@@ -172,7 +172,7 @@ def test_numeric_head_on_qwen_vl(tiny, capsys):
     count = d / "count.json"
     folder = d / "data" / "images" / "train"
     rows = [{"image": str(folder / name), "conversations": [
-        {"from": "human", "value": "<image>\nHow many shapes?"}, {"from": "gpt", "value": f"<num>{i % 4}"}]}
+        {"from": "human", "value": "<image>\nHow many shapes?"}, {"from": "gpt", "value": f"<num><{i % 4}>"}]}
         for i, name in enumerate(sorted(os.listdir(folder))[:8])]
     count.write_text(json.dumps(rows))
     run(["train_sft.py", "--preset", "tiny-qwen-vl", "--init-from", str(d / "sft"), "--numeric", "--data", str(count),
