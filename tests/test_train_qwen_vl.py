@@ -202,3 +202,32 @@ def test_grpo_with_ocr_rewards(tiny):
     assert "reward_ocr" in rows[0] and "reward_format" in rows[0]
     a, b = load_file(d / "sft" / "model.safetensors"), load_file(d / "grpo" / "model.safetensors")
     assert changed(a, b, "model.") and not changed(a, b, "visual.")
+
+
+@pytest.mark.slow
+def test_fsdp_with_text_only_samples_equals_one_process_and_resumes(hub, tmp_path):
+    """The 7B recipe's --fsdp on 2 gloo processes (the vision blocks and LM layers sharded), with text-only samples
+    in the mix (a process whose micro-batch has no image runs a blank one through the sharded tower), trains what
+    one process trains with 2 micro-batches, writes the hub layout, answers the held-out questions with every
+    process taking part, and --resume from its sharded state continues exactly."""
+    from nanovlm.qwen2_5_vl import Qwen25VL
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"Say {i}."},
+                                                          {"from": "gpt", "value": f"{i}"}]}) + "\n" for i in range(20)))
+    common = ["train_sft.py", "--preset", "qwen2.5-vl-7b", "--model", str(hub / "hub"), "--data",
+              f"{hub}/data/sft_train.json", str(text), "--val-data", f"{hub}/data/sft_val.json", "--max-pixels",
+              MAX_PIXELS, "--batch-size", "1", "--max-steps", "3", "--warmup-steps", "0", "--lr-vision", "1e-3",
+              "--lr-projector", "1e-3", "--lr-lm", "1e-3", "--device", "cpu"]
+    one = run(common + ["--grad-accum", "2", "--eval-answers", "5", "--out-dir", str(tmp_path / "one")])
+    sharded = run(common + ["--grad-accum", "1", "--fsdp", "--eval-answers", "5", "--out-dir",
+                            str(tmp_path / "fsdp")], nproc=2)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "fsdp")
+    assert a.keys() == load_file(hub / "hub" / "model.safetensors").keys()
+    assert max_rel_diff(a, b) <= 1e-5
+    report = lambda out: out[out.index("question type"):out.index("checkpoint:")]
+    assert sharded.count("question type") == 1 and report(sharded) == report(one)
+    Qwen25VL.from_pretrained(tmp_path / "fsdp")
+    resumed = ["--grad-accum", "1", "--fsdp", "--eval-answers", "0", "--out-dir", str(tmp_path / "resumed")]
+    run(common + resumed + ["--stop-at-step", "2"], nproc=2)
+    run(common + resumed + ["--resume"], nproc=2)
+    assert max_rel_diff(b, weights(tmp_path / "resumed")) == 0
