@@ -231,3 +231,51 @@ def test_fsdp_with_text_only_samples_equals_one_process_and_resumes(hub, tmp_pat
     run(common + resumed + ["--stop-at-step", "2"], nproc=2)
     run(common + resumed + ["--resume"], nproc=2)
     assert max_rel_diff(b, weights(tmp_path / "resumed")) == 0
+
+
+def test_grpo_logps_with_mrope_equal_full_forwards():
+    """GRPO on Qwen2.5-VL: the rollout's completion log-probs, from one padded pass (completion_logps) and from the
+    prompts once + a KV cache whose positions carry the MRoPE offsets (shared_prompt_logps), equal log_softmax of
+    a full forward of each prompt + completion alone, values and gradients (the vision tower's too). Two images of
+    different sizes and a text-only prompt: each row's text after its image sits at its own position offset."""
+    import numpy as np
+
+    from nanovlm import grpo
+    from nanovlm.qwen2 import Qwen2Config
+    from nanovlm.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, VisionConfig, preprocess_images
+    torch.manual_seed(0)
+    cfg = Qwen25VLConfig(lm=Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2),
+                         vision=VisionConfig(depth=2, hidden_size=16, intermediate_size=24, num_heads=2,
+                                             out_hidden_size=32, window_size=56, fullatt_block_indexes=(1,)),
+                         mrope_section=(2, 1, 1), image_token_id=60, vision_start_token_id=58, vision_end_token_id=59,
+                         stop_token_ids=(62, 61), pad_token_id=0)
+    model = randomize(Qwen25VL(cfg), std=0.2)
+    rng = np.random.default_rng(0)
+    images, prompts = [], []
+    for (w, h), text in (((84, 56), [1, 2]), ((56, 112), [4])):
+        pv, grid = preprocess_images([Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))])
+        images.append({"pixel_values": pv, "image_grid_thw": grid})
+        prompts.append(text + [58] + [60] * model.image_tokens(grid)[0] + [59, 3, 5])
+    images.append({"pixel_values": torch.zeros(0, 1176), "image_grid_thw": torch.zeros(0, 3, dtype=torch.long)})
+    prompts.append([8, 9, 10])
+    G, T = 3, 0.8
+    batch = grpo.rollout(model, prompts, images, G, 5, T, generator=torch.Generator().manual_seed(0))
+    logps = grpo.completion_logps(model, batch, T)
+    shared = grpo.shared_prompt_logps(model, dict(batch, prompts=prompts, prompt_images=images), T)
+    weights = torch.randn(shared.shape, generator=torch.Generator().manual_seed(1))
+    (shared * weights * batch["completion_mask"]).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total = 0
+    for b, comp in enumerate(batch["completions"]):
+        p, inputs = prompts[b // G], images[b // G]
+        ref = torch.log_softmax(model(torch.tensor([p + comp]), **inputs)[0] / T, dim=-1)   # (len, vocab)
+        expected = torch.stack([ref[len(p) - 1 + j, t] for j, t in enumerate(comp)])
+        assert torch.allclose(logps[b, :len(comp)], expected.detach(), atol=1e-5), b
+        assert torch.allclose(shared[b, :len(comp)], expected.detach(), atol=1e-5), b
+        total = total + (expected * weights[b, :len(comp)]).sum()
+    total.backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-5, rtol=1e-4), n
+    assert any(got[n].abs().sum() > 0 for n in got if n.startswith("vision."))
