@@ -221,7 +221,7 @@ def mrope_cos_sin(position_ids, head_dim, theta, section, dtype):
 
 class Qwen25VL(nn.Module):
     def __init__(self, cfg: Qwen25VLConfig, lm=None, vision=None, projector=None):
-        """A new model (trained from scratch), or one made of given parts (numeric.NumericQwen25VL.from_model)."""
+        """A new model (trained from scratch), or one made of given parts (numeric.py: from_vlm)."""
         super().__init__()
         self.cfg = cfg
         self.vision = vision if vision is not None else VisionTower(cfg.vision)

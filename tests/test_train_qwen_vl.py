@@ -279,3 +279,15 @@ def test_grpo_logps_with_mrope_equal_full_forwards():
     for n, p in model.named_parameters():
         assert torch.allclose(got[n], p.grad, atol=1e-5, rtol=1e-4), n
     assert any(got[n].abs().sum() > 0 for n in got if n.startswith("vision."))
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_exactly(hub):
+    """--resume of a LoRA run: the hub-layout model.safetensors (merged) loads back through the name map, the
+    adapters and optimizer from train_state.pt, and the run continues as if never stopped."""
+    lora = ["--lr-vision", "0", "--lr-projector", "1e-3", "--lr-lm", "1e-3", "--lora-rank", "4", "--lora-targets",
+            "lm", "projector", "--max-steps", "3"]
+    run(sft_args(hub, "straight", *lora))
+    run(sft_args(hub, "resumed", *lora, "--stop-at-step", "2"))
+    run(sft_args(hub, "resumed", *lora, "--resume"))
+    assert max_rel_diff(weights(hub / "straight"), weights(hub / "resumed")) == 0
