@@ -1,4 +1,5 @@
-"""Generate from a VLM checkpoint (train_sft.py, train_pretrain.py, train_grpo.py); GPT ones: sample_gpt.py.
+"""Generate from a VLM checkpoint (train_sft.py, train_pretrain.py, train_grpo.py), the SigLIP VLM's or
+Qwen2.5-VL's (a run's, or an official directory such as a local Qwen2.5-VL-3B-Instruct); GPT ones: sample_gpt.py.
 
     python sample.py --ckpt out/sft --image data/synthetic/images/val/000001.png --prompt "Where is the yellow triangle?"
     python sample.py --ckpt out/sft --image photo.jpg                          # chat about the image

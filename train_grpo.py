@@ -21,9 +21,13 @@ then makes --num-iterations optimizer updates on that rollout batch (after the f
 ratio against the sampling policy's log-probs matters). The prompt is the conversation up to its last assistant answer, with
 the checkpoint's own chat template (its system prompt); the last answer is the solution the rewards see.
 
+Qwen2.5-VL, after its SFT (train_sft.py --preset qwen2.5-vl-3b): weighted-CER OCR reward + the format reward
+    python train_grpo.py --preset qwen2.5-vl-3b --init-from out/sft --data ocr_train.jsonl \
+        --reward-funcs ocr format --lora-rank 8 --lora-alpha 32 --lora-targets lm projector --lr-lm 1e-5
+
 Data: the SFT formats, the OCR jsonl {"query", "response", "image_path"} included; other columns (qtype, ...)
 reach the reward functions as keyword arguments. Your rewards: --reward-plugin my_rewards.py (rewards.py).
-The checkpoint in --out-dir is a plain VLM checkpoint (with LoRA: the merged weights). Every flag: --help
+The checkpoint in --out-dir is a plain checkpoint of the model's family (with LoRA: the merged weights). Every flag: --help
 """
 
 import copy
