@@ -233,14 +233,11 @@ def test_fsdp_with_text_only_samples_equals_one_process_and_resumes(hub, tmp_pat
     assert max_rel_diff(b, weights(tmp_path / "resumed")) == 0
 
 
-def test_grpo_logps_with_mrope_equal_full_forwards():
-    """GRPO on Qwen2.5-VL: the rollout's completion log-probs, from one padded pass (completion_logps) and from the
-    prompts once + a KV cache whose positions carry the MRoPE offsets (shared_prompt_logps), equal log_softmax of
-    a full forward of each prompt + completion alone, values and gradients (the vision tower's too). Two images of
-    different sizes and a text-only prompt: each row's text after its image sits at its own position offset."""
+def tiny_qwen_vl():
+    """(a tiny random Qwen2.5-VL with windowed and full vision blocks, 3 prompts, their images: one dict each):
+    two images of different sizes and a text-only prompt."""
     import numpy as np
 
-    from nanovlm import grpo
     from nanovlm.qwen2 import Qwen2Config
     from nanovlm.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, VisionConfig, preprocess_images
     torch.manual_seed(0)
@@ -259,6 +256,41 @@ def test_grpo_logps_with_mrope_equal_full_forwards():
         prompts.append(text + [58] + [60] * model.image_tokens(grid)[0] + [59, 3, 5])
     images.append({"pixel_values": torch.zeros(0, 1176), "image_grid_thw": torch.zeros(0, 3, dtype=torch.long)})
     prompts.append([8, 9, 10])
+    return model, prompts, images
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """--grad-checkpointing on Qwen2.5-VL (its vision blocks take the windows as a non-tensor argument): the same
+    gradients, less kept for the backward pass."""
+    from nanovlm import train_utils as tu
+    from nanovlm.data import collate
+
+    def grads(checkpointed):
+        model, prompts, images = tiny_qwen_vl()
+        if checkpointed:
+            tu.checkpoint_blocks([*model.vision.layers, *model.lm.layers])
+        batch = collate([dict(input_ids=torch.tensor(p), labels=torch.tensor(p), images=x, where="x")
+                         for p, x in zip(prompts, images)], pad_id=0)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = model(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                         batch["attention_mask"], labels=batch["labels"])["loss"]
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}, sum(saved)
+    (plain, kept_plain), (ckpt, kept_ckpt) = grads(False), grads(True)
+    assert kept_ckpt < kept_plain / 2
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-6), n
+
+
+def test_grpo_logps_with_mrope_equal_full_forwards():
+    """GRPO on Qwen2.5-VL: the rollout's completion log-probs, from one padded pass (completion_logps) and from the
+    prompts once + a KV cache whose positions carry the MRoPE offsets (shared_prompt_logps), equal log_softmax of
+    a full forward of each prompt + completion alone, values and gradients (the vision tower's too). Two images of
+    different sizes and a text-only prompt: each row's text after its image sits at its own position offset."""
+    from nanovlm import grpo
+    model, prompts, images = tiny_qwen_vl()
     G, T = 3, 0.8
     batch = grpo.rollout(model, prompts, images, G, 5, T, generator=torch.Generator().manual_seed(0))
     logps = grpo.completion_logps(model, batch, T)
