@@ -37,11 +37,13 @@ How per-token losses become one number matters with completions of unequal lengt
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanovlm.attention import KVCache, Packing
 from nanovlm.data import cat_images
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOGIT_CHUNK_BYTES = 2 ** 30   # token_logps: fp32 logits made (and kept for the backward pass) per chunk
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,12 +312,7 @@ def completion_logps(model, batch, temperature, with_entropy=False):
     start = batch["prompt_lengths"].to(device)[:, None] - 1                         # (B, 1)
     pos = (start + torch.arange(completion.shape[1], device=device)[None]).clamp(max=T - 1)  # (B, C)
     h = h.gather(1, pos[..., None].expand(-1, -1, D))                               # (B, C, hidden)
-    logits = model.lm.logits(h).float() / temperature                               # (B, C, vocab)
-    logps = logits.gather(-1, completion[..., None]).squeeze(-1) - logits.logsumexp(-1)   # (B, C)
-    if not with_entropy:
-        return logps
-    with torch.no_grad():
-        return logps, entropy_from_logits(logits.detach())
+    return token_logps(model, h, completion, temperature, with_entropy)
 
 
 def shared_prompt_logps(model, batch, temperature, with_entropy=False):
@@ -348,9 +345,27 @@ def shared_prompt_logps(model, batch, temperature, with_entropy=False):
     if C > 1:   # tokens 0..C-2 of each completion, after its prompt's cached keys: they predict tokens 1..C-1
         h = torch.cat([h, model.lm.hidden_states(inputs_embeds=model.lm.embed_tokens(completion[:, :-1]),
                                                  cache=cache.repeat_interleave(G))], 1)   # (B, C, hidden)
-    logits = model.lm.logits(h).float() / temperature                               # (B, C, vocab)
-    logps = logits.gather(-1, completion[..., None]).squeeze(-1) - logits.logsumexp(-1)   # (B, C)
-    if not with_entropy:
-        return logps
-    with torch.no_grad():
-        return logps, entropy_from_logits(logits.detach())
+    return token_logps(model, h, completion, temperature, with_entropy)
+
+
+def token_logps(model, h, tokens, temperature, with_entropy=False, chunk_bytes=LOGIT_CHUNK_BYTES):
+    """States (B, C, hidden) and the tokens they predict (B, C) -> log-probs of the tokens (B, C) at the
+    temperature, and with_entropy the entropy (B, C), detached.
+
+    The fp32 logits are made a few rows at a time, about chunk_bytes of them per chunk, and under autograd each
+    chunk's are recomputed in the backward pass rather than kept (torch.utils.checkpoint): memory holds one
+    chunk's logits, not all of them (64 completions of 256 tokens at Qwen's 152K vocabulary would be 10 GB)."""
+    B, C, _ = h.shape
+    rows = max(1, chunk_bytes // (4 * C * model.lm.cfg.vocab_size))
+
+    def chunk(hc, tc):
+        logits = model.lm.logits(hc).float() / temperature                          # (rows, C, vocab)
+        logps = logits.gather(-1, tc[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (rows, C)
+        with torch.no_grad():
+            return logps, entropy_from_logits(logits.detach()) if with_entropy else None
+
+    parts = [torch.utils.checkpoint.checkpoint(chunk, h[i:i + rows], tokens[i:i + rows], use_reentrant=False)
+             if torch.is_grad_enabled() and h.requires_grad else chunk(h[i:i + rows], tokens[i:i + rows])
+             for i in range(0, B, rows)]
+    logps = torch.cat([p[0] for p in parts])
+    return (logps, torch.cat([p[1] for p in parts])) if with_entropy else logps

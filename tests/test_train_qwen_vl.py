@@ -323,3 +323,25 @@ def test_lora_run_resumes_exactly(hub):
     run(sft_args(hub, "resumed", *lora, "--stop-at-step", "2"))
     run(sft_args(hub, "resumed", *lora, "--resume"))
     assert max_rel_diff(weights(hub / "straight"), weights(hub / "resumed")) == 0
+
+
+def test_token_logps_in_chunks_equal_one_pass():
+    """grpo.token_logps makes the logits a few rows at a time (recomputed in the backward pass): log-probs,
+    entropies and gradients as from all the logits at once, by hand."""
+    from nanovlm import grpo
+    model, _, _ = tiny_qwen_vl()
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 3, 32, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 64, (5, 3), generator=g)
+    w = torch.randn(5, 3, generator=g)
+    logits = model.lm.logits(h).float() / 0.7
+    want = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    want_grads = torch.autograd.grad((want * w).sum(), [h, model.lm.embed_tokens.weight])
+    p = torch.softmax(logits, -1)
+    want_entropy = -(p * torch.log_softmax(logits, -1)).sum(-1)
+    logps, entropy = grpo.token_logps(model, h, tokens, 0.7, with_entropy=True, chunk_bytes=4 * 3 * 64 * 2)  # 2 rows
+    grads = torch.autograd.grad((logps * w).sum(), [h, model.lm.embed_tokens.weight])
+    assert torch.allclose(logps, want, atol=1e-6) and torch.allclose(entropy, want_entropy.detach(), atol=1e-5)
+    assert not entropy.requires_grad
+    for a, b in zip(grads, want_grads):
+        assert torch.allclose(a, b, atol=1e-6)
