@@ -61,16 +61,7 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     """
     rewards = torch.as_tensor(rewards)
     dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
-    if rewards.ndim != 1:
-        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.numel() % group_size != 0:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of group_size={group_size}")
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    if scale == "group" and group_size < 2:
-        raise ValueError("scale='group' needs group_size >= 2: a group of one has no std")
-    if scale == "batch" and rewards.numel() < 2:
-        raise ValueError("scale='batch' needs at least 2 rewards: a batch of one has no std")
+    _check_advantage_args(rewards, group_size, scale)
 
     r = rewards.double().view(-1, group_size)  # (num_groups, G); float64 so the statistics do not drift
     adv = r - r.mean(dim=1, keepdim=True)
@@ -120,23 +111,9 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=0.0, eps_low=0
     "clip_ratio_low" / "clip_ratio_high" / "clip_ratio_region" (fraction of tokens whose gradient the clip
     removed on the low side (A < 0), the high side (A > 0), either), and "kl" (mean k3) when beta > 0.
     """
-    if logps.ndim != 2:
-        raise ValueError(f"logps must be (B, T), got shape {tuple(logps.shape)}")
+    _check_loss_args(logps, old_logps, ref_logps, advantages, mask, beta, eps_low, eps_high, loss_type,
+                     max_completion_length)
     B, T = logps.shape
-    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask)):
-        if t is not None and t.shape != logps.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, logps has {tuple(logps.shape)}")
-    if mask is None:
-        raise ValueError("mask is required: (B, T), 1 for completion tokens")
-    if advantages.shape != (B,):
-        raise ValueError(f"advantages must be (B,) = ({B},), got shape {tuple(advantages.shape)}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if beta > 0 and ref_logps is None:
-        raise ValueError(f"beta={beta} > 0 needs ref_logps (the reference model's log-probs)")
-    if not (0 <= eps_low < 1 and eps_high >= 0):
-        raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
-
     mask = mask.bool()
     # Padding positions may hold anything (-inf log-probs of pad tokens); zero them before exp so neither the
     # loss nor its gradient can see a nan from there.
@@ -159,8 +136,6 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=0.0, eps_low=0
     elif loss_type == "bnpo":
         loss = per_token.sum() / mask.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length (the generation cap)")
         loss = per_token.sum() / (B * max_completion_length)
     else:  # dapo
         n = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
@@ -369,3 +344,40 @@ def token_logps(model, h, tokens, temperature, with_entropy=False, chunk_bytes=L
              for i in range(0, B, rows)]
     logps = torch.cat([p[0] for p in parts])
     return (logps, torch.cat([p[1] for p in parts])) if with_entropy else logps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument checks (kept here so the functions above open with their formulas)
+
+def _check_advantage_args(rewards, group_size, scale):
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of group_size={group_size}")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if scale == "group" and group_size < 2:
+        raise ValueError("scale='group' needs group_size >= 2: a group of one has no std")
+    if scale == "batch" and rewards.numel() < 2:
+        raise ValueError("scale='batch' needs at least 2 rewards: a batch of one has no std")
+
+
+def _check_loss_args(logps, old_logps, ref_logps, advantages, mask, beta, eps_low, eps_high, loss_type,
+                     max_completion_length):
+    if logps.ndim != 2:
+        raise ValueError(f"logps must be (B, T), got shape {tuple(logps.shape)}")
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask)):
+        if t is not None and t.shape != logps.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, logps has {tuple(logps.shape)}")
+    if mask is None:
+        raise ValueError("mask is required: (B, T), 1 for completion tokens")
+    if advantages.shape != (logps.shape[0],):
+        raise ValueError(f"advantages must be (B,) = ({logps.shape[0]},), got shape {tuple(advantages.shape)}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length (the generation cap)")
+    if beta > 0 and ref_logps is None:
+        raise ValueError(f"beta={beta} > 0 needs ref_logps (the reference model's log-probs)")
+    if not (0 <= eps_low < 1 and eps_high >= 0):
+        raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
