@@ -104,7 +104,6 @@ def preprocess_image(image, size=224):
     return torch.from_numpy(x.transpose(2, 0, 1).copy())                       # (3, H, W)
 
 
-
 class SiglipImages:
     """Images -> the SigLIP VLM's inputs, as data.py, sampling and GRPO ask for them: every image squashed to
     size x size and worth the same `tokens` LM tokens. qwen2_5_vl_processor.Qwen25VLImages answers the same three
@@ -126,6 +125,7 @@ class SiglipImages:
 
     def __str__(self):
         return f"{self.tokens} tokens per image ({self.size}x{self.size} pixels)"
+
 
 class Embeddings(nn.Module):
     def __init__(self, cfg):
