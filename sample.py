@@ -1,4 +1,5 @@
-"""Generate from a VLM checkpoint (train_sft.py, train_pretrain.py, train_grpo.py); GPT ones: sample_gpt.py.
+"""Generate from a VLM checkpoint (train_sft.py, train_pretrain.py, train_grpo.py), the SigLIP VLM's or
+Qwen2.5-VL's (a run's, or an official directory such as a local Qwen2.5-VL-3B-Instruct); GPT ones: sample_gpt.py.
 
     python sample.py --ckpt out/sft --image data/synthetic/images/val/000001.png --prompt "Where is the yellow triangle?"
     python sample.py --ckpt out/sft --image photo.jpg                          # chat about the image
@@ -45,13 +46,13 @@ def get_args(argv=None):
 
 def sample_vlm(args, device):
     """Answer --prompt about --image (streamed as it is generated), chat, or score a dataset (--eval)."""
-    from nanovlm.data import load_data, load_image
+    from nanovlm.data import load_data, load_images
     from nanovlm.evaluate import evaluate_answers, format_report
-    from nanovlm.numeric import NumericVLM, decode_numeric, split_numbers
+    from nanovlm.numeric import WithNumericHead, decode_numeric, split_numbers
     from nanovlm.tokenizer import IMAGE_TAG, Tokenizer
-    from nanovlm.vlm import VLM
+    from nanovlm.vlm import load_vlm
     ckpt = tu.checkpoint_dir(args.ckpt)
-    model = VLM.from_pretrained(ckpt, dtype=tu.resolve_dtype(device, args.dtype)).to(device)
+    model = load_vlm(ckpt, dtype=tu.resolve_dtype(device, args.dtype)).to(device)   # the SigLIP VLM or Qwen2.5-VL
     tok = Tokenizer.from_dir(ckpt)
     if args.eval:
         if args.num_samples and args.temperature <= 0:
@@ -69,18 +70,21 @@ def sample_vlm(args, device):
             print(f"predictions: {args.out} ({len(records)} lines)")
         return
     g = torch.Generator(device=device).manual_seed(args.seed)
-    pixels = load_image(args.image, model.cfg.image_size, args.image)[None].to(device) if args.image else None
+    processor = model.image_processor()
+    paths = [args.image] if args.image else []
+    pixels = {k: v.to(device) for k, v in load_images(paths, processor, args.image).items()}
+    counts = [processor.image_tokens(p) for p in paths]   # LM tokens of the image (Qwen2.5-VL: by its size)
     messages = []
 
     def answer(prompt):
-        if pixels is not None and not messages and IMAGE_TAG not in prompt:
+        if paths and not messages and IMAGE_TAG not in prompt:
             prompt = f"{IMAGE_TAG}\n{prompt}"   # the image goes before the first question
         messages.append({"role": "user", "content": prompt})
         # numbers in the conversation become <num> + value when the model has the numeric head
-        numeric = isinstance(model, NumericVLM)
+        numeric = isinstance(model, WithNumericHead)
         history, values = split_numbers(messages, numeric, where="prompt")
-        ids, _ = tok.encode_chat(history, model.cfg.image_tokens, add_generation_prompt=True,
-                                 system=model.cfg.system_prompt)
+        ids, _ = tok.encode_chat(history, counts, add_generation_prompt=True, system=model.cfg.system_prompt,
+                                 where="prompt")
         new, printed = [], ""
 
         def stream(row, token_id):
@@ -93,12 +97,12 @@ def sample_vlm(args, device):
         kw = dict(max_new_tokens=args.max_new_tokens or 64, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, generator=g, on_token=stream)
         if numeric:   # the head's values, rendered into the text as <num><v>
-            (out,), (preds,) = model.generate_numbers([ids], pixels, values, **kw)
+            (out,), (preds,) = model.generate_numbers([ids], num_values=values, **pixels, **kw)
             print(flush=True)
             text, predictions = decode_numeric(tok, out, preds)
             print(f"numbers: {predictions}\nanswer: {text}")
         else:
-            (out,) = model.generate([ids], pixels, **kw)
+            (out,) = model.generate([ids], **pixels, **kw)
             print(flush=True)
             text = tok.decode(out, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": text})
@@ -125,10 +129,11 @@ def main(argv=None):
     if model_type == "gpt":
         raise SystemExit(f"{args.ckpt} is a GPT checkpoint: python sample_gpt.py --ckpt {args.ckpt} --tokens ... "
                          "(or --eval FILE.jsonl)")
-    elif model_type == "vlm":
+    elif model_type in ("vlm", "qwen2_5_vl"):
         sample_vlm(args, device)
     else:
-        raise SystemExit(f"{args.ckpt}: unknown model_type {model_type!r} in config.json (known: gpt, vlm)")
+        raise SystemExit(f"{args.ckpt}: unknown model_type {model_type!r} in config.json (known: gpt, vlm, "
+                         "qwen2_5_vl)")
 
 
 if __name__ == "__main__":

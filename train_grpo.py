@@ -21,9 +21,13 @@ then makes --num-iterations optimizer updates on that rollout batch (after the f
 ratio against the sampling policy's log-probs matters). The prompt is the conversation up to its last assistant answer, with
 the checkpoint's own chat template (its system prompt); the last answer is the solution the rewards see.
 
+Qwen2.5-VL, after its SFT (train_sft.py --preset qwen2.5-vl-3b): weighted-CER OCR reward + the format reward
+    python train_grpo.py --preset qwen2.5-vl-3b --init-from out/sft --data ocr_train.jsonl \
+        --reward-funcs ocr format --lora-rank 8 --lora-alpha 32 --lora-targets lm projector --lr-lm 1e-5
+
 Data: the SFT formats, the OCR jsonl {"query", "response", "image_path"} included; other columns (qtype, ...)
 reach the reward functions as keyword arguments. Your rewards: --reward-plugin my_rewards.py (rewards.py).
-The checkpoint in --out-dir is a plain VLM checkpoint (with LoRA: the merged weights). Every flag: --help
+The checkpoint in --out-dir is a plain checkpoint of the model's family (with LoRA: the merged weights). Every flag: --help
 """
 
 import copy
@@ -39,9 +43,9 @@ from tqdm import tqdm
 from nanovlm import grpo, lora, rewards
 from nanovlm import train_utils as tu
 from nanovlm.cli import run_cli
-from nanovlm.data import fit_lengths, load_data, load_image
+from nanovlm.data import fit_lengths, image_token_counts, load_data, load_images
 from nanovlm.evaluate import evaluate_answers, format_report
-from nanovlm.numeric import NumericVLM
+from nanovlm.numeric import WithNumericHead
 from nanovlm.tokenizer import IMAGE_TAG
 from nanovlm.vlm_train import (build_model, build_parser, check_resume, make_vlm_optimizer, resolve_args, resume,
                                save_vlm_checkpoint, setup_trainable)
@@ -99,7 +103,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_prompts(args, tok, cfg, verbose=True):
+def load_prompts(args, tok, cfg, images, verbose=True):
     """The training samples and their prompts' lengths in tokens, checked up front: a prompt with its longest
     completion must fit --max-length (never truncated: that would cut through image tokens or the question)."""
     samples = load_data(args.data, args.image_root, seed=args.seed)
@@ -111,8 +115,9 @@ def load_prompts(args, tok, cfg, verbose=True):
     samples = [with_suffix(s, args.prompt_suffix) for s in samples]
     # chat_lengths counts without the generation prompt, which is always the same few tokens
     gen = len(tok.encode("<|im_start|>assistant\n"))
-    lengths = [n + gen for n in tok.chat_lengths([s["messages"][:-1] for s in samples], cfg.image_tokens,
-                                                cfg.system_prompt, wheres=[s["where"] for s in samples])]
+    lengths = [n + gen for n in tok.chat_lengths([s["messages"][:-1] for s in samples],
+                                                image_token_counts(samples, images), cfg.system_prompt,
+                                                wheres=[s["where"] for s in samples])]
     keep = fit_lengths(samples, [n + args.max_new_tokens for n in lengths], args.max_length, args.drop_long,
                        limit=f"--max-length {args.max_length} (prompt + --max-new-tokens {args.max_new_tokens})",
                        verbose=verbose)
@@ -193,20 +198,17 @@ def sample_generator(args, step, micro, dist):
 def make_rollout(model, tok, samples, idx, args, generator):
     """Prompts idx -> rollout batch with rewards and advantages (grpo.rollout + rewards.combine_rewards), and what
     keep_groups needs to rebuild it from some of its groups (each prompt's ids, images, question and solution)."""
-    cfg = model.cfg
+    cfg, processor = model.cfg, model.image_processor()
+    device = model.lm.embed_tokens.weight.device
     chosen = [samples[i] for i in idx]
-    prompts, solutions, pixels, n_images = [], [], [], []
+    prompts, solutions, images = [], [], []
     for s in chosen:
-        ids, solution = grpo.prompt_ids(tok, s, cfg.image_tokens, cfg.system_prompt)
+        ids, solution = grpo.prompt_ids(tok, s, [processor.image_tokens(p) for p in s["images"]], cfg.system_prompt)
         prompts.append(ids)
         solutions.append(solution)
-        pixels.append(torch.stack([load_image(p, cfg.image_size, s["where"]) for p in s["images"]])
-                      if s["images"] else None)
-        n_images.append(len(s["images"]))
-    device = model.lm.embed_tokens.weight.device
-    pixel_values = torch.cat([p for p in pixels if p is not None]).to(device) if any(n_images) else None
-    batch = grpo.rollout(model, prompts, pixel_values, n_images, args.num_generations, args.max_new_tokens,
-                         args.temperature, args.top_p, generator)
+        images.append({k: v.to(device) for k, v in load_images(s["images"], processor, s["where"]).items()})
+    batch = grpo.rollout(model, prompts, images, args.num_generations, args.max_new_tokens, args.temperature,
+                         args.top_p, generator)
     G = args.num_generations
     texts = [tok.decode(c[:-1] if stop else c, skip_special_tokens=True)
              for c, stop in zip(batch["completions"], batch["stopped"].tolist())]
@@ -218,8 +220,7 @@ def make_rollout(model, tok, samples, idx, args, generator):
     batch["advantages"] = grpo.group_advantages(batch["rewards"], G, scale=args.scale_rewards)
     batch["texts"] = texts
     batch["where"] = [s["where"] for s in chosen]   # the prompts' names, for errors
-    batch.update(prompts=prompts, prompt_pixel_values=pixel_values, prompt_pixels=pixels, n_images=n_images,
-                 solutions=solutions, questions=[s["messages"][-2]["content"] for s in chosen])
+    batch.update(prompts=prompts, prompt_images=images, solutions=solutions, questions=[s["messages"][-2]["content"] for s in chosen])
     return batch
 
 
@@ -238,18 +239,15 @@ def keep_groups(batches, G, limit, pad_id):
         return None
     rows = [(b, r) for b, g in kept for r in range(g * G, (g + 1) * G)]
     prompts = [b["prompts"][g] for b, g in kept]
-    pixels = [b["prompt_pixels"][g] for b, g in kept if b["prompt_pixels"][g] is not None]
-    n_images = [b["n_images"][g] for b, g in kept]
+    images = [b["prompt_images"][g] for b, g in kept]
     batch = grpo.completion_batch([p for p in prompts for _ in range(G)], [b["completions"][r] for b, r in rows],
                                   pad_id)
-    prompt_pixel_values = torch.cat(pixels) if pixels else None
-    _, pixel_values = grpo.repeat_prompts(prompts, prompt_pixel_values, n_images, G)
-    batch.update(pixel_values=pixel_values, prompt_pixel_values=prompt_pixel_values,
+    batch.update(images=grpo.repeat_prompts(prompts, images, G)[1], prompt_images=images,
                  stopped=torch.stack([b["stopped"][r] for b, r in rows]),
                  rewards=torch.stack([b["rewards"][r] for b, r in rows]),
                  advantages=torch.stack([b["advantages"][r] for b, r in rows]),
                  per_function={k: [b["per_function"][k][r] for b, r in rows] for k in batches[0]["per_function"]},
-                 texts=[b["texts"][r] for b, r in rows], prompts=prompts, n_images=n_images,
+                 texts=[b["texts"][r] for b, r in rows], prompts=prompts,
                  solutions=[b["solutions"][g] for b, g in kept], questions=[b["questions"][g] for b, g in kept],
                  where=[b["where"][g] for b, g in kept])
     return batch
@@ -399,12 +397,12 @@ def main(argv=None):
     if args.resume:   # before anything is built: the flags must be the run's (vlm_train.RESUME_MAY_CHANGE aside)
         check_resume(args, dist)
     model, tok = build_model(args, dist)   # --init-from: the SFT checkpoint, its tokenizer
-    if isinstance(model, NumericVLM):
+    if isinstance(model, WithNumericHead):
         raise SystemExit(f"{args.init_from} has a numeric head; GRPO does not support it yet")
     model.to(dist.device)
     if args.system != CHECKPOINT_SYSTEM:   # saved with the checkpoint: sampling and evaluation use the same template
         model.cfg.system_prompt = args.system
-    samples, lengths = load_prompts(args, tok, model.cfg, verbose=dist.is_main)
+    samples, lengths = load_prompts(args, tok, model.cfg, model.image_processor(), verbose=dist.is_main)
     lengths = tuple(lengths) if args.group_by_length else None   # prompts of similar length: less padding
     opt = make_vlm_optimizer(setup_trainable(model, args), args)   # LoRA adapters first when --lora-rank > 0
     if args.grad_checkpointing:

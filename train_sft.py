@@ -9,6 +9,14 @@ Real weights (GPUs), after stage 1 (train_pretrain.py):
     torchrun --standalone --nproc_per_node=8 train_sft.py --preset qwen2.5-0.5b-siglip --init-from out/pretrain \\
         --data llava_v1_5_mix665k.json --image-root images/ --out-dir out/sft
 
+Qwen2.5-VL (the hub's Qwen/Qwen2.5-VL-3B-Instruct, or a local copy via --model), each image at its own size:
+    python train_sft.py --preset qwen2.5-vl-3b --data ocr_train.jsonl --lr-vision 0 --lora-rank 8 \
+        --lora-alpha 32 --lora-targets lm projector --lr-lm 1e-4 --lr-projector 1e-4 --grad-accum 16
+    torchrun --standalone --nproc_per_node=8 train_sft.py --preset qwen2.5-vl-7b --fsdp --grad-checkpointing \
+        --data llava_v1_5_mix665k.json --image-root images/ --max-pixels 1003520 --out-dir out/sft-7b
+    python train_sft.py --preset tiny-qwen-vl          # offline: a tiny Qwen2.5-VL from scratch on the synthetic data
+Its checkpoint is in the hub layout (LoRA merged): transformers and Qwen25VL.from_pretrained read it as it is.
+
 Ctrl-C saves a checkpoint at the end of the step. Resume exactly: add --resume (same flags, same --out-dir;
 flags that would change the run are refused, vlm_train.RESUME_MAY_CHANGE lists those that may change).
 Every flag: python train_sft.py --help
@@ -68,7 +76,7 @@ def train(args):
         n_params = sum(p.numel() for p in raw.parameters())
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
         print(f"{args.stage}: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), {len(train_set)} "
-              f"samples, {raw.cfg.image_tokens} tokens per image, {dist.world_size} process(es)")
+              f"samples, {raw.image_processor()}, {dist.world_size} process(es)")
 
     # ---- the loop ------------------------------------------------------------------------------------------
     loader = iter(vt.batches(train_set, args, dist, start_step, tok.endoftext))

@@ -272,7 +272,7 @@ def packed_batch(args, device, vocab):
     while sum(len(it["input_ids"]) for it in items) < args.packed_rows * L * 0.9:
         n = int(torch.randint(min(32, L // 4), L // 2, (1,), generator=g))
         ids = torch.randint(0, vocab, (n,), generator=g)
-        items.append(dict(input_ids=ids, labels=ids, pixel_values=torch.zeros(0, 3, 1, 1),
+        items.append(dict(input_ids=ids, labels=ids, images={"pixel_values": torch.zeros(0, 3, 1, 1)},
                           where=f"sample {len(items)}"))
     b = pack(items, pad_id=0, max_length=L)
     return b["input_ids"].to(device), b["attention_mask"].to(device), b["packing"].to(device)

@@ -43,8 +43,7 @@ def main(argv=None):
     # build_model generates the synthetic data first if it is not there
     model, tok = vt.build_model(train_args, tu.setup_distributed("cpu"))
     samples = load_data(train_args.data, seed=0)
-    ds = VLMDataset(samples, tok, model.cfg.image_size, model.cfg.image_tokens, args.max_length,
-                    system=train_args.system)
+    ds = VLMDataset(samples, tok, model.image_processor(), args.max_length, system=train_args.system)
     n_batches = args.batches + 2
     groups = [[ds[i * args.batch_size + j] for j in range(args.batch_size)] for i in range(n_batches)]
     sides = {"padded": [collate(g, tok.endoftext) for g in groups],

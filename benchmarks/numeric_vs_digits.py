@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from nanovlm.data import load_data, load_image
+from nanovlm.data import cat_images, load_data, load_images
 from nanovlm.numeric import NumericVLM, parse_numbers, strip_numbers
 from nanovlm.rewards import extract_numbers
 from nanovlm.tokenizer import Tokenizer
@@ -68,18 +68,19 @@ def answer_values(model, tok, samples, batch_size=32, max_new_tokens=16):
     out = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
-        prompts, pixels = [], []
+        prompts, inputs = [], []
+        images = model.image_processor()
         for s in chunk:   # the question is plain text: no numbers to parse in it
             messages = [{**m, "content": strip_numbers(m["content"], s["where"])} for m in s["messages"][:-1]]
-            prompts.append(tok.encode_chat(messages, model.cfg.image_tokens, add_generation_prompt=True,
-                                           system=model.cfg.system_prompt)[0])
-            pixels += [load_image(p, model.cfg.image_size, s["where"]) for p in s["images"]]
-        pixel_values = torch.stack(pixels).to(device)
+            prompts.append(tok.encode_chat(messages, [images.image_tokens(p) for p in s["images"]],
+                                           add_generation_prompt=True, system=model.cfg.system_prompt)[0])
+            inputs.append(load_images(s["images"], images, s["where"]))
+        pixels = {k: v.to(device) for k, v in cat_images(inputs).items()}
         if numeric:
-            _, preds = model.generate_numbers(prompts, pixel_values, max_new_tokens=max_new_tokens)
+            _, preds = model.generate_numbers(prompts, **pixels, max_new_tokens=max_new_tokens)
             out += [p[0]["value"] if p else None for p in preds]
         else:
-            for ids in model.generate(prompts, pixel_values, max_new_tokens=max_new_tokens):
+            for ids in model.generate(prompts, **pixels, max_new_tokens=max_new_tokens):
                 found = extract_numbers(tok.decode(ids, skip_special_tokens=True))
                 out.append(found[0] if found else None)
     return out

@@ -167,10 +167,11 @@ class KVCache:
 
     lengths (B,) int32: tokens stored per row. A forward through the model calls begin(T) before its layers (the
     slots and positions of its T new tokens, and what they may see, computed once for all layers), the layers
-    write and attend, then advance(n) adds each row's real new tokens. A fresh cache is filled by a prefill
-    (plain causal attention, right-padded prompts); every later forward appends. Appending past max_len is an
-    IndexError (checking first would read the lengths back to the host every step): size the cache for the
-    prompt plus every token to be generated."""
+    write and attend, then advance(n) adds each row's real new tokens. A token's position is its slot plus its
+    row's `offset` (B,) (0, except after a Qwen2.5-VL prompt, whose images used fewer positions than tokens: the
+    rope delta). A fresh cache is filled by a prefill (plain causal attention, right-padded prompts); every later
+    forward appends. Appending past max_len is an IndexError (checking first would read the lengths back to the
+    host every step): size the cache for the prompt plus every token to be generated."""
 
     def __init__(self, n_layers, batch_size, max_len, n_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
@@ -178,17 +179,18 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.max_len, self.dtype = max_len, dtype
+        self.offset = torch.zeros(batch_size, dtype=torch.int32, device=device)   # position - slot, per row
         self.fresh = True   # nothing written yet: the next forward is a prefill
 
     def begin(self, T):
-        """Before the layers: the slots of the T new tokens (B, T), which are also their positions, and the
-        (B, T, max_len) mask of the slots each may see."""
+        """Before the layers: the slots of the T new tokens, and the (B, T, max_len) mask of the slots each may see.
+        Returns their positions (B, T): the slots plus the offset."""
         if self.fresh and T > self.max_len:
             raise ValueError(f"KV cache overflow: a prompt of {T} tokens > max_len {self.max_len}")
         self.slots = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)            # (B, T)
         if not self.fresh:   # a prefill needs no mask (see _cached)
             self.visible = torch.arange(self.max_len, device=self.lengths.device) <= self.slots[:, :, None]
-        return self.slots
+        return self.slots + self.offset[:, None]
 
     def write(self, layer, k, v):
         """Store the new k, v (B, T, Hkv, D) at their slots."""
@@ -212,6 +214,7 @@ class KVCache:
         new.k = [t.repeat_interleave(n, dim=0) for t in self.k]
         new.v = [t.repeat_interleave(n, dim=0) for t in self.v]
         new.lengths, new.fresh = self.lengths.repeat_interleave(n), self.fresh
+        new.offset = self.offset.repeat_interleave(n)
         return new
 
 

@@ -29,13 +29,19 @@ late, when __getitem__ decodes it (decoding 595K images up front would take an h
 Several datasets are mixed with weights, `--data a.jsonl:2 b.json:1`: weights are sampling
 proportions (here 2/3 of the mixture comes from a.jsonl, repeating it if it is short).
 
-VLMDataset tokenizes with the chat template (tokenizer.py) and loads pixels with the SigLIP
-preprocessing (siglip.py); collate right-pads a batch. Samples are never truncated: cutting through
+VLMDataset tokenizes with the chat template (tokenizer.py) and loads pixels with the model's image processor;
+collate right-pads a batch. The processor is where the two model families differ: the SigLIP VLM squashes every
+image to one size worth a fixed number of tokens (siglip.SiglipImages: pixel_values (n, 3, H, W)), Qwen2.5-VL
+keeps each image near its own size, worth as many tokens as its size gives (qwen2_5_vl_processor.Qwen25VLImages:
+patch rows (sum t*h*w, 1176) and image_grid_thw (n, 3)). Either way a sample's images are a dict of tensors that
+concatenate along dim 0, and the chat template writes each image's own count of pads. Samples are never
+truncated: cutting through
 the image tokens or the answer would teach garbage, so an over-long sample is an error (or, with
 drop_long=True, dropped and counted) decided at construction, so indices never change while training; the
 construction prints one line per data file: samples, dropped, why.
 The length scan is cheap: the chats are tokenized in one Rust encode_batch call with a single pad per image
-(every image costs exactly image_tokens + 2 tokens) and the system turn counted once, paid once at start-up.
+(every image costs exactly its image tokens + 2 tokens) and the system turn counted once, paid once at start-up
+(Qwen2.5-VL's counts need each image's size: one header read per distinct image).
 The real tokenization happens lazily in __getitem__, inside the DataLoader workers.
 
 Numbers written `<num><v>` (numeric.py) are parsed at construction, in every turn (user and assistant), so
@@ -55,7 +61,7 @@ from PIL import Image, UnidentifiedImageError
 
 from nanovlm.attention import Packing
 from nanovlm.numeric import parse_numbers, split_numbers
-from nanovlm.siglip import IMAGE_MODES, preprocess_image
+from nanovlm.siglip import IMAGE_MODES
 from nanovlm.tokenizer import DEFAULT_SYSTEM, IMAGE_TAG
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -317,25 +323,51 @@ def fit_lengths(samples, lengths, max_length, drop_long=False, limit=None, verbo
 # images, tokens, batches
 
 
-def load_image(path, size, where):
-    try:
-        with Image.open(path) as image:
-            image.load()   # decode now, so a truncated file fails here with its name
-            return preprocess_image(image, size)   # (3, size, size) in [-1, 1]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{where}: image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:   # ValueError: preprocess_image's
-        raise ValueError(f"{where}: cannot read image {path}: {e}") from None
+def load_images(paths, processor, where):
+    """A sample's images, decoded and turned into model inputs by the model's image processor (`images`:
+    siglip.SiglipImages or qwen2_5_vl_processor.Qwen25VLImages): a dict of tensors whose rows follow the
+    images' order. A missing, truncated or unreadable image is an error naming the sample and the file."""
+    parts = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()   # decode now, so a truncated file fails here with its name
+                parts.append(processor([image]))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{where}: image file not found: {path}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:   # ValueError: the processor's
+            raise ValueError(f"{where}: cannot read image {path}: {e}") from None
+    return cat_images(parts) if parts else processor([])
+
+
+def cat_images(parts):
+    """Image inputs of several samples (dicts of tensors) -> one dict, each tensor concatenated along dim 0 in
+    the given order: the order in which the model fills the image-pad tokens (reading order)."""
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def image_token_counts(samples, processor):
+    """LM tokens of every image of every sample (one list per sample), as the processor counts them; an image
+    the processor refuses (Qwen2.5-VL: an aspect ratio over 200) is an error naming the sample."""
+    counts, known = [], {}
+    for s in samples:
+        try:
+            counts.append([known[p] if p in known else known.setdefault(p, processor.image_tokens(p))
+                           for p in s["images"]])
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{s['where']}: {e}") from None
+    return counts
 
 
 class VLMDataset(torch.utils.data.Dataset):
-    def __init__(self, samples, tokenizer, image_size, image_tokens, max_length, drop_long=False,
-                 system=DEFAULT_SYSTEM, numeric=False, verbose=True):
-        """Checks every sample before training starts (roles, <image> tags, <num> markup, chat-control text,
-        length; the files' records and image headers were checked by load_dataset) and prints one line per
-        data file (verbose). An empty dataset, before or after dropping, is an error naming the files."""
-        self.tokenizer, self.image_size, self.image_tokens, self.system = tokenizer, image_size, image_tokens, system
-        self.numeric = numeric
+    def __init__(self, samples, tokenizer, images, max_length, drop_long=False, system=DEFAULT_SYSTEM,
+                 numeric=False, verbose=True):
+        """images: the model's image processor (model.image_processor()): it turns a sample's images into
+        model inputs and says how many LM tokens each is worth. Checks every sample before training starts
+        (roles, <image> tags, <num> markup, chat-control text, length; the files' records and image headers were
+        checked by load_dataset) and prints one line per data file (verbose). An empty dataset, before or after
+        dropping, is an error naming the files."""
+        self.tokenizer, self.images, self.system, self.numeric = tokenizer, images, system, numeric
         if not samples:
             raise ValueError("no samples: the dataset is empty")
         for s in samples:  # hand-built samples get the same checks as loaded ones
@@ -344,12 +376,14 @@ class VLMDataset(torch.utils.data.Dataset):
             if n_tags != len(s["images"]):
                 raise ValueError(f"{s['where']}: {n_tags} {IMAGE_TAG} tag(s) but {len(s['images'])} image(s)")
         samples = [self.parse_numbers(s) for s in samples]
+        counts = image_token_counts(samples, images)
         # chat_lengths renders every chat, refusing chat-control tokens in the text (template injection)
-        lengths = tokenizer.chat_lengths([s["messages"] for s in samples], image_tokens, system,
+        lengths = tokenizer.chat_lengths([s["messages"] for s in samples], counts, system,
                                          wheres=[s["where"] for s in samples])
         keep = fit_lengths(samples, lengths, max_length, drop_long, verbose=verbose)
         self.n_dropped = len(samples) - len(keep)
         self.samples = [samples[i] for i in keep]
+        self.image_tokens = [counts[i] for i in keep]   # per sample, per image
         self.lengths = [lengths[i] for i in keep]   # for length-grouped batching, if wanted
 
     def __len__(self):
@@ -364,13 +398,10 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         s = self.samples[i]
-        ids, labels = self.tokenizer.encode_chat(s["messages"], self.image_tokens, system=self.system,
+        ids, labels = self.tokenizer.encode_chat(s["messages"], self.image_tokens[i], system=self.system,
                                                  where=s["where"])
-        H = W = self.image_size
-        pixels = [load_image(p, self.image_size, s["where"]) for p in s["images"]]
-        pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, H, W)   # (n_img, 3, H, W)
         item = dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
-                    pixel_values=pixel_values, where=s["where"])
+                    images=load_images(s["images"], self.images, s["where"]), where=s["where"])
         if self.numeric:
             item["num_values"] = torch.tensor(s["num_values"], dtype=torch.float32)      # (n_num,)
             if ids.count(self.tokenizer.num) != len(s["num_values"]):
@@ -427,8 +458,8 @@ def _fill_rows(batch, rows, pad_id):
             t += n
     read = [batch[i] for row in rows for i in row]
     out = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-               pixel_values=torch.cat([b["pixel_values"] for b in read]),   # (sum n_img, 3, H, W), maybe (0, 3, H, W)
-               packing=Packing.from_mask(attention_mask))   # positions and cu_seqlens, here on the CPU, once
+               packing=Packing.from_mask(attention_mask),   # positions and cu_seqlens, here on the CPU, once
+               **cat_images([b["images"] for b in read]))   # e.g. pixel_values (sum n_img, 3, H, W), maybe (0, ...)
     if "num_values" in batch[0]:   # the numeric head's values, one per <num> token in reading order
         out["num_values"] = torch.cat([b["num_values"] for b in read])      # (sum n_num,)
     out["where"] = [b["where"] for b in read]   # the samples' names, for errors; not a model input

@@ -22,9 +22,9 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from nanovlm.data import load_image
+from nanovlm.data import load_images
 from nanovlm.grpo import repeat_prompts
-from nanovlm.numeric import NumericVLM, decode_numeric, split_numbers, strip_numbers
+from nanovlm.numeric import WithNumericHead, decode_numeric, split_numbers, strip_numbers
 from nanovlm.rewards import extract_answer, text_accuracy
 
 
@@ -32,9 +32,9 @@ from nanovlm.rewards import extract_answer, text_accuracy
 def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32, limit=None, show=0,
                      num_samples=0, temperature=1.0, top_p=1.0, generator=None, answer_tags=False, records=None,
                      dist=None):
-    """Greedy answers to every sample's final assistant turn, with the chat template and image size the model
-    was trained with (model.cfg). Returns {qtype: {"n", "exact", "text"}} plus "all"; with num_samples = k > 0
-    each also has "pass@k" and "sampled" (module docstring).
+    """Greedy answers to every sample's final assistant turn, with the chat template and image processing the
+    model was trained with (model.cfg, model.image_processor()). Returns {qtype: {"n", "exact", "text"}} plus
+    "all"; with num_samples = k > 0 each also has "pass@k" and "sampled" (module docstring).
     answer_tags: score the text inside the answer's last <answer>...</answer> (rewards.extract_answer), for
     prompts that ask for that format. records: a list that gets one dict per sample this process answered (where,
     question, reference, prediction, exact, text; with num_samples the sampled answers too).
@@ -44,7 +44,7 @@ def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32
     if num_samples and temperature <= 0:
         raise ValueError(f"num_samples={num_samples} samples answers: temperature must be > 0, got {temperature}")
     model.eval()
-    image_size, system = model.cfg.image_size, model.cfg.system_prompt
+    system, images = model.cfg.system_prompt, model.image_processor()
     device = next(model.parameters()).device
     samples = samples[:limit] if limit else samples
     world, rank = (dist.world_size, dist.rank) if dist is not None and dist.ddp else (1, 0)
@@ -52,37 +52,37 @@ def evaluate_answers(model, tokenizer, samples, batch_size=32, max_new_tokens=32
     n_batches = -(-(-(-len(samples) // world)) // batch_size)   # the same on every process
     scores = defaultdict(lambda: {"n": 0, "exact": 0.0, "text": 0.0, "pass": 0.0, "sampled": 0.0})
     shown = 0
-    numeric = isinstance(model, NumericVLM)
+    numeric = isinstance(model, WithNumericHead)
     for i in tqdm(range(0, n_batches * batch_size, batch_size), desc="evaluate", unit="batch", leave=False,
                   disable=rank > 0):
         chunk = mine[i:i + batch_size]
         counted = bool(chunk)
         chunk = chunk or samples[:1]   # none left here: answer one question in step with the others, uncounted
-        prompts, pixels, refs, values, n_images = [], [], [], [], []
+        prompts, inputs, refs, values = [], [], [], []
         for s in chunk:
             if not s["messages"] or s["messages"][-1]["role"] != "assistant":
                 raise ValueError(f"{s['where']}: evaluation needs a conversation ending with an assistant answer")
             # numbers as values beside <num> tokens for a model with the head, as in training; else plain digits
             messages, sample_values = split_numbers(s["messages"][:-1], numeric, s["where"])
-            ids, _ = tokenizer.encode_chat(messages, model.cfg.image_tokens, add_generation_prompt=True,
-                                           system=system, where=s["where"])
+            ids, _ = tokenizer.encode_chat(messages, [images.image_tokens(p) for p in s["images"]],
+                                           add_generation_prompt=True, system=system, where=s["where"])
             prompts.append(ids)
             values.append(sample_values)
-            pixels += [load_image(p, image_size, s["where"]) for p in s["images"]]
-            n_images.append(len(s["images"]))
+            inputs.append(load_images(s["images"], images, s["where"]))
             ref = s["messages"][-1]["content"].strip()
             refs.append(ref if numeric else strip_numbers(ref, s["where"]))
-        pixel_values = torch.stack(pixels).to(device) if pixels else None
 
         def answers(n, **sampling):
             """n answers to each prompt of the chunk, as n consecutive rows per prompt: (B * n) strings."""
-            rows, pv = repeat_prompts(prompts, pixel_values, n_images, n)
+            rows, pixels = repeat_prompts(prompts, inputs, n)
+            pixels = {k: v.to(device) for k, v in pixels.items()}
             if not numeric:
-                outs = model.generate(rows, pv, max_new_tokens=max_new_tokens, **sampling)
+                outs = model.generate(rows, **pixels, max_new_tokens=max_new_tokens, **sampling)
                 texts = [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
             else:
                 nums = [v for vs in values for _ in range(n) for v in vs]
-                outs, preds = model.generate_numbers(rows, pv, nums, max_new_tokens=max_new_tokens, **sampling)
+                outs, preds = model.generate_numbers(rows, num_values=nums, **pixels, max_new_tokens=max_new_tokens,
+                                                     **sampling)
                 texts = [decode_numeric(tokenizer, out, pred)[0].strip() for out, pred in zip(outs, preds)]
             return [extract_answer(t) for t in texts] if answer_tags else texts
 

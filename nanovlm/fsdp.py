@@ -69,9 +69,10 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save(path, model, optimizer, config, step, files=None, rng_states=None, extra=None):
+def save(path, model, optimizer, config, step, files=None, rng_states=None, extra=None, names=None):
     """Atomic checkpoint of a sharded model (call on every process): train_state.dcp/ holds every process's
-    shards of the model and optimizer state, model.safetensors the full weights (written by the main process)."""
+    shards of the model and optimizer state, model.safetensors the full weights (written by the main process),
+    under names[k] instead of the parameter names when given (a Qwen2.5-VL checkpoint: the hub's)."""
     path = Path(path)
     staging = path.parent / f".{path.name}.dcp.tmp"   # on a file system every process sees (multi-node too)
     if dist.get_rank() == 0:
@@ -81,6 +82,8 @@ def save(path, model, optimizer, config, step, files=None, rng_states=None, extr
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging))
     weights = full_state_dict(model)
+    if names is not None:
+        weights = {names[k]: v for k, v in weights.items()}
     if dist.get_rank() == 0:
         tu.save_checkpoint(path, model, config, step=step, rng_states=rng_states, extra=extra, files=files,
                            state_dict=weights, dirs={"train_state.dcp": staging})

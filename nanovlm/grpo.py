@@ -37,10 +37,13 @@ How per-token losses become one number matters with completions of unequal lengt
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanovlm.attention import KVCache, Packing
+from nanovlm.data import cat_images
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOGIT_CHUNK_BYTES = 2 ** 30   # token_logps: fp32 logits made (and kept for the backward pass) per chunk
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,27 +209,27 @@ def prompt_ids(tokenizer, sample, image_tokens, system):
     return ids, messages[-1]["content"]
 
 
-def repeat_prompts(prompts, pixel_values, images_per_prompt, n):
+def repeat_prompts(prompts, images, n):
     """Each prompt n times in a row (p0, p0, ..., p1, p1, ...) with its images repeated to match, so one generate
-    call samples n completions of every prompt. Returns (rows, pixel_values); pixel_values may be None."""
+    call samples n completions of every prompt. images: one dict of image inputs per prompt (data.load_images:
+    the SigLIP VLM's pixel_values, or Qwen2.5-VL's patch rows and grid rows, which repeat together). Returns
+    (rows, image inputs of the rows)."""
     rows = [p for p in prompts for _ in range(n)]
-    if pixel_values is not None and len(pixel_values):
-        blocks = pixel_values.split(list(images_per_prompt))        # one (n_img, 3, H, W) block per prompt
-        pixel_values = torch.cat([blk for blk in blocks for _ in range(n)])
-    return rows, pixel_values
+    return rows, cat_images([x for x in images for _ in range(n)])
 
 
 @torch.no_grad()
-def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, max_new_tokens, temperature,
-            top_p=1.0, generator=None, compile=False):
+def rollout(model, prompts, images, num_generations, max_new_tokens, temperature, top_p=1.0, generator=None,
+            compile=False):
     """Sample num_generations completions of each prompt in one batched generate call (compile: a compiled
     decode step, see VLM.generate).
 
-    prompts: list of token-id lists; pixel_values: (sum of images_per_prompt, 3, H, W) in prompt order, or None.
-    Returns a batch dict for completion_logps: input_ids / attention_mask (B, T) prompt + completion, right-padded;
-    pixel_values with each prompt's images repeated G times; prompt_lengths (B,); completion_ids (B, C) and
-    completion_mask (B, C) (1 up to and including the first stop token, 0 after: mask_after_eos semantics);
-    completions: the token lists; stopped (B,) bool (False: cut off at max_new_tokens).
+    prompts: list of token-id lists; images: one dict of image inputs per prompt (data.load_images), on the
+    model's device. Returns a batch dict for completion_logps: input_ids / attention_mask (B, T) prompt +
+    completion, right-padded; the image inputs with each prompt's images repeated G times (under "images");
+    prompt_lengths (B,); completion_ids (B, C) and completion_mask (B, C) (1 up to and including the first stop
+    token, 0 after: mask_after_eos semantics); completions: the token lists; stopped (B,) bool (False: cut off at
+    max_new_tokens).
     """
     if temperature <= 0:
         raise ValueError(f"GRPO samples its completions: temperature must be > 0, got {temperature}")
@@ -235,13 +238,13 @@ def rollout(model, prompts, pixel_values, images_per_prompt, num_generations, ma
     cfg = model.cfg
     # include_stop: a row that stopped ends with the stop token it sampled, which is trained like any other
     # token; a row cut off at max_new_tokens has none.
-    completions = model.generate(prompts, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, generator=generator, include_stop=True, num_samples=num_generations,
-                                 compile=compile)
-    rows, pixel_values = repeat_prompts(prompts, pixel_values, images_per_prompt, num_generations)
+    completions = model.generate(prompts, **cat_images(images), max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, generator=generator, include_stop=True,
+                                 num_samples=num_generations, compile=compile)
+    rows, repeated = repeat_prompts(prompts, images, num_generations)
     stopped = [bool(c) and c[-1] in cfg.stop_token_ids for c in completions]
     batch = completion_batch(rows, completions, cfg.pad_token_id)
-    batch.update(pixel_values=pixel_values, stopped=torch.tensor(stopped))
+    batch.update(images=repeated, stopped=torch.tensor(stopped))
     return batch
 
 
@@ -277,21 +280,14 @@ def completion_logps(model, batch, temperature, with_entropy=False):
     device = model.lm.embed_tokens.weight.device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     completion = batch["completion_ids"].to(device)                                 # (B, C)
-    pixel_values = batch["pixel_values"]
-    pixel_values = pixel_values.to(device) if pixel_values is not None and len(pixel_values) else None
+    images = {k: v.to(device) for k, v in batch["images"].items()}
     packing = batch["packing"].to(device) if "packing" in batch else None          # made on the CPU, with the batch
-    x = model.embed(ids, pixel_values)                                              # (B, T, hidden)
-    h = model.lm.hidden_states(inputs_embeds=x, attention_mask=mask, packing=packing)   # (B, T, hidden)
+    h = model.states(ids, **images, attention_mask=mask, packing=packing)           # (B, T, hidden)
     B, T, D = h.shape
     start = batch["prompt_lengths"].to(device)[:, None] - 1                         # (B, 1)
     pos = (start + torch.arange(completion.shape[1], device=device)[None]).clamp(max=T - 1)  # (B, C)
     h = h.gather(1, pos[..., None].expand(-1, -1, D))                               # (B, C, hidden)
-    logits = model.lm.logits(h).float() / temperature                               # (B, C, vocab)
-    logps = logits.gather(-1, completion[..., None]).squeeze(-1) - logits.logsumexp(-1)   # (B, C)
-    if not with_entropy:
-        return logps
-    with torch.no_grad():
-        return logps, entropy_from_logits(logits.detach())
+    return token_logps(model, h, completion, temperature, with_entropy)
 
 
 def shared_prompt_logps(model, batch, temperature, with_entropy=False):
@@ -301,8 +297,10 @@ def shared_prompt_logps(model, batch, temperature, with_entropy=False):
     row) is what costs: its keys and values are computed once, with gradients, and each completion attends to
     them through a KV cache holding G copies (repeat_interleave, which sums the G copies' gradients on the way
     back). The log-probs, and their gradients, are those of completion_logps, for roughly 1/G of its cost.
-    Needs batch["prompts"] (the n_prompts token lists), batch["prompt_pixel_values"] (their images, not repeated,
-    or None) and completion_ids (n_prompts * G, C) laid out group by group, as rollout makes them.
+    Needs batch["prompts"] (the n_prompts token lists), batch["prompt_images"] (one dict of image inputs per
+    prompt, not repeated, as rollout takes them) and completion_ids (n_prompts * G, C) laid out group by group,
+    as rollout makes them. The prompts go through model.prefill, which for Qwen2.5-VL also sets the cache's MRoPE
+    position offsets: the completions are text, through the plain decoder.
     """
     device = model.lm.embed_tokens.weight.device
     prompts, completion = batch["prompts"], batch["completion_ids"].to(device)      # completion: (B, C)
@@ -313,22 +311,39 @@ def shared_prompt_logps(model, batch, temperature, with_entropy=False):
     for i, p in enumerate(prompts):
         ids[i, :len(p)] = torch.tensor(p, device=device)
     mask = torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]       # (P, Tp), right-padded
-    pixel_values = batch["prompt_pixel_values"]
-    pixel_values = pixel_values.to(device) if pixel_values is not None and len(pixel_values) else None
+    images = {k: v.to(device) for k, v in cat_images(batch["prompt_images"]).items()}
     lm = model.lm.cfg
     cache = KVCache(lm.num_hidden_layers, P, ids.shape[1] + C, lm.num_key_value_heads, lm.head_dim,
                     dtype=model.lm.embed_tokens.weight.dtype, device=device)
-    h = model.lm.hidden_states(inputs_embeds=model.embed(ids, pixel_values), attention_mask=mask, cache=cache)
+    h = model.prefill(ids, mask, cache, **images)                                   # (P, Tp, hidden)
     h = h[torch.arange(P, device=device), lengths - 1].repeat_interleave(G, 0)[:, None]     # (B, 1, hidden)
     if C > 1:   # tokens 0..C-2 of each completion, after its prompt's cached keys: they predict tokens 1..C-1
         h = torch.cat([h, model.lm.hidden_states(inputs_embeds=model.lm.embed_tokens(completion[:, :-1]),
                                                  cache=cache.repeat_interleave(G))], 1)   # (B, C, hidden)
-    logits = model.lm.logits(h).float() / temperature                               # (B, C, vocab)
-    logps = logits.gather(-1, completion[..., None]).squeeze(-1) - logits.logsumexp(-1)   # (B, C)
-    if not with_entropy:
-        return logps
-    with torch.no_grad():
-        return logps, entropy_from_logits(logits.detach())
+    return token_logps(model, h, completion, temperature, with_entropy)
+
+
+def token_logps(model, h, tokens, temperature, with_entropy=False, chunk_bytes=LOGIT_CHUNK_BYTES):
+    """States (B, C, hidden) and the tokens they predict (B, C) -> log-probs of the tokens (B, C) at the
+    temperature, and with_entropy the entropy (B, C), detached.
+
+    The fp32 logits are made a few rows at a time, about chunk_bytes of them per chunk, and under autograd each
+    chunk's are recomputed in the backward pass rather than kept (torch.utils.checkpoint): memory holds one
+    chunk's logits, not all of them (64 completions of 256 tokens at Qwen's 152K vocabulary would be 10 GB)."""
+    B, C, _ = h.shape
+    rows = max(1, chunk_bytes // (4 * C * model.lm.cfg.vocab_size))
+
+    def chunk(hc, tc):
+        logits = model.lm.logits(hc).float() / temperature                          # (rows, C, vocab)
+        logps = logits.gather(-1, tc[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (rows, C)
+        with torch.no_grad():
+            return logps, entropy_from_logits(logits.detach()) if with_entropy else None
+
+    parts = [torch.utils.checkpoint.checkpoint(chunk, h[i:i + rows], tokens[i:i + rows], use_reentrant=False)
+             if torch.is_grad_enabled() and h.requires_grad else chunk(h[i:i + rows], tokens[i:i + rows])
+             for i in range(0, B, rows)]
+    logps = torch.cat([p[0] for p in parts])
+    return (logps, torch.cat([p[1] for p in parts])) if with_entropy else logps
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -189,20 +189,21 @@ def save_extra(model):
     return {"lora": adapter_state(model)} if has_lora(model) else {}
 
 
-def load_checkpoint(path, model, optimizer, rank=0, device="cpu"):
+def load_checkpoint(path, model, optimizer, rank=0, device="cpu", names=None):
     """train_utils.load_checkpoint for --resume, with or without LoRA adapters in `model`.
 
     model.safetensors holds merged weights, so it loads into the merged view of the model: that fills every
     non-adapted parameter in place (and the optimizer and RNG states); the merged copies of the adapted
     layers are then compared with base + adapters from train_state.pt, which catches a resume from a
-    different --init-from (the frozen base weights come from there, not from the checkpoint).
+    different --init-from (the frozen base weights come from there, not from the checkpoint). names: as
+    train_utils.load_checkpoint's (the file's names of the merged model's parameters).
     """
     if not has_lora(model):
-        return tu.load_checkpoint(path, model, optimizer, rank, device)
-    names = [name for name, _ in lora_layers(model)]
+        return tu.load_checkpoint(path, model, optimizer, rank, device, names)
+    layers = [name for name, _ in lora_layers(model)]
     with merged(model):
-        state = tu.load_checkpoint(path, model, optimizer, rank, device)
-        saved = {name: model.get_submodule(name).weight.detach().clone() for name in names}   # merged, (out, in)
+        state = tu.load_checkpoint(path, model, optimizer, rank, device, names)
+        saved = {name: model.get_submodule(name).weight.detach().clone() for name in layers}   # merged, (out, in)
     adapters = state.get("extra", {}).get("lora")
     if adapters is None:
         raise ValueError(f"{path}/train_state.pt has no LoRA adapters: was it saved by a run without --lora-rank?")

@@ -30,8 +30,9 @@ numbers of order 1 to 15; for |x| >> 1 its slope 1/(1+|x|) turns an error into a
 the same at 100 and at 1e6), while below 1 it stays close to x (absolute errors). "identity" regresses the
 raw value, where the largest numbers dominate the MSE.
 
-NumericVLM (at the end of this file) is the VLM with these pieces plugged in; a checkpoint whose config has
-"numeric" loads as one (VLM.from_pretrained).
+WithNumericHead (at the end of this file) plugs these pieces into a model of either family: NumericVLM is the SigLIP
+VLM with them, NumericQwen25VL Qwen2.5-VL; a checkpoint whose config has "numeric" loads as one
+(VLM.from_pretrained, Qwen25VL.from_pretrained).
 """
 
 import math
@@ -42,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanovlm.qwen2_5_vl import Qwen25VL
 from nanovlm.vlm import VLM
 
 NUM_TOKEN = "<num>"
@@ -236,10 +238,13 @@ def numeric_loss(token_ce, numeric_mse, alpha):
 # the VLM with the head
 
 
-class NumericVLM(VLM):
-    """The VLM with numbers as values: embed() adds the value embedding at each <num>, forward() adds
-    alpha * the MSE of the head read at the position before each trained <num>, and generation feeds the
-    head's value back in whenever the model emits <num>.
+class WithNumericHead:
+    """The head on a vision-language model of either family (a mixin: NumericVLM is the SigLIP VLM with it,
+    NumericQwen25VL Qwen2.5-VL): embed() adds the value embedding at each <num>, forward() adds alpha * the MSE
+    of the head read at the position before each trained <num>, and generation feeds the head's value back in
+    whenever the model emits <num>. Each method does its part and calls the model's own (super()) for the rest,
+    so the two families share every line of it; what it needs of a model: embed, states, outputs, loss_counts,
+    step_embed, generate (vlm.py, qwen2_5_vl.py).
 
     num_values: one float per <num> token of the batch, in reading order (row by row), as data.collate makes.
     """
@@ -254,14 +259,15 @@ class NumericVLM(VLM):
 
     @classmethod
     def from_vlm(cls, vlm, numeric_cfg):
-        """Add a fresh head to a model trained without one (e.g. SFT from a pretrain checkpoint)."""
+        """Add a fresh head to a model trained without one (e.g. SFT from a pretrain checkpoint); cls: the numeric
+        class of the model's family."""
         vlm.cfg.numeric = numeric_cfg
         w = vlm.lm.embed_tokens.weight
         return cls(vlm.cfg, vlm.lm, vlm.vision, vlm.projector).to(device=w.device, dtype=w.dtype).train(vlm.training)
 
-    def embed(self, input_ids, pixel_values=None, num_values=None):
-        """The VLM's embeddings + the value embedding of each <num>'s value at its position. (B, T) -> (B, T, C)."""
-        x = super().embed(input_ids, pixel_values)                              # (B, T, C)
+    def embed(self, input_ids, *images, num_values=None, **kw):
+        """The model's embeddings + the value embedding of each <num>'s value at its position. (B, T) -> (B, T, C)."""
+        x = super().embed(input_ids, *images, **kw)                             # (B, T, C)
         is_num = input_ids == self.cfg.numeric.num_token_id                      # (B, T)
         values = torch.zeros(0) if num_values is None else torch.as_tensor(num_values)
         if int(is_num.sum()) != values.numel():
@@ -271,14 +277,13 @@ class NumericVLM(VLM):
         # Always computed, even for N = 0, so the value embedding is in the graph of every batch (DDP).
         return x.masked_scatter(is_num[..., None], x[is_num] + ve)
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, num_values=None,
-                n_label_tokens=None, n_numbers=None, packing=None):
-        """Without labels: {"logits", "numeric"} (the head's value at every position, (B, T)). With labels:
-        {"loss" = token_ce + alpha * numeric_mse, "token_ce", "numeric_mse", "n_tokens", "n_numbers"}; the MSE
-        is summed over the trained numbers and divided by n_numbers (default: this batch's count; see
+    def forward(self, input_ids, *images, labels=None, num_values=None, n_label_tokens=None, n_numbers=None, **inputs):
+        """images and inputs as the model's forward takes them (pixel_values, attention_mask, packing; Qwen2.5-VL's
+        image_grid_thw). Without labels: {"logits", "numeric"} (the head's value at every position, (B, T)). With
+        labels: {"loss" = token_ce + alpha * numeric_mse, "token_ce", "numeric_mse", "n_tokens", "n_numbers"}; the
+        MSE is summed over the trained numbers and divided by n_numbers (default: this batch's count; see
         VLM.forward for why the training loop passes the global batch's)."""
-        x = self.embed(input_ids, pixel_values, num_values)
-        h = self.lm.hidden_states(inputs_embeds=x, attention_mask=attention_mask, packing=packing)   # (B, T, C)
+        h = self.states(input_ids, *images, num_values=num_values, **inputs)              # (B, T, C)
         out = self.outputs(h, labels, n_label_tokens)
         if labels is None:
             out["numeric"] = self.numeric.decode(self.numeric.predict(h))              # (B, T)
@@ -313,12 +318,13 @@ class NumericVLM(VLM):
 
     @torch.no_grad()
     def generate_numbers(self, prompts, pixel_values=None, num_values=None, **kw):
-        """VLM.generate (num_values: the prompts' <num> values in reading order), plus the values the head gave
-        each generated <num>: returns (new-token lists, predictions), predictions[b] a list of {"value",
-        "position": index of that <num> in row b's new tokens}. decode_numeric renders a row as <num><v> text."""
+        """generate (num_values: the prompts' <num> values in reading order; kw: generate's, Qwen2.5-VL's
+        image_grid_thw too), plus the values the head gave each generated <num>: returns (new-token lists,
+        predictions), predictions[b] a list of {"value", "position": index of that <num> in row b's new tokens}.
+        decode_numeric renders a row as <num><v> text."""
         self._generated_values = []
         try:
-            tokens = self.generate(prompts, pixel_values, num_values=num_values, **kw)
+            tokens = self.generate(prompts, pixel_values=pixel_values, num_values=num_values, **kw)
             steps = self._generated_values
         finally:
             self._generated_values = None
@@ -327,3 +333,12 @@ class NumericVLM(VLM):
         preds = [[{"value": steps[k][b], "position": k} for k, t in enumerate(row) if t == num]
                  for b, row in enumerate(tokens)]
         return tokens, preds
+
+
+class NumericVLM(WithNumericHead, VLM):
+    """The SigLIP VLM with the numeric head; a checkpoint whose config has "numeric" loads as one."""
+
+
+class NumericQwen25VL(WithNumericHead, Qwen25VL):
+    """Qwen2.5-VL with the numeric head; its checkpoint is the hub layout plus the head's tensors (numeric.*),
+    which transformers skips."""

@@ -184,7 +184,7 @@ class Qwen2(nn.Module):
         if cache is not None:
             if packing is not None or (attention_mask is not None and not Packing.from_mask(attention_mask).right_padded):
                 raise ValueError("with a KV cache, prompts must be right-padded, one per row (attention_mask 1...1 0...0)")
-            position_ids = cache.begin(T)                                            # (B, T) slots = positions
+            position_ids = cache.begin(T)                                            # (B, T) slots + offset
         else:
             if packing is None and attention_mask is not None:
                 packing = Packing.from_mask(attention_mask).to(x.device)

@@ -5,7 +5,7 @@ and the Qwen2.5 decoder with multimodal rotary positions (MRoPE).
     pixel_values, grid_thw = preprocess_images(images, min_pixels=..., max_pixels=...)
     model = Qwen25VL.from_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")    # or a local directory; dtype= optional
     logits = model(input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw)   # (B, T, vocab)
-    out = model.generate([prompt_ids], pixel_values, grid_thw, max_new_tokens=64)   # new-token lists
+    out = model.generate([prompt_ids], pixel_values, image_grid_thw=grid_thw, max_new_tokens=64)   # new-token lists
 
 The pieces, each in its file:
 - nanovlm/qwen2_5_vl_processor.py: images -> patches at (almost) native resolution (smart_resize).
@@ -35,21 +35,27 @@ Numbers match transformers' Qwen2_5_VLForConditionalGeneration to ~1e-6 in fp32 
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 
-from nanovlm.attention import KVCache, Packing
+from nanovlm.attention import Packing
 from nanovlm.qwen2 import Qwen2, Qwen2Config, rope_cos_sin
-from nanovlm.qwen2_5_vl_processor import image_grid, preprocess_images, smart_resize  # noqa: F401 (the API)
+from nanovlm.qwen2_5_vl_processor import (MAX_PIXELS, MIN_PIXELS, Qwen25VLImages, image_grid,  # noqa: F401 (API)
+                                           preprocess_images, smart_resize)
 from nanovlm.qwen2_5_vl_vision import PatchMerger, VisionConfig, VisionTower
-from nanovlm.sampling import sample_next
+from nanovlm.vlm import VLM
 from nanovlm.weights import config_dtype, load_mapped, read_config, read_safetensors, resolve_checkpoint, save_mapped
 
 __all__ = ["Qwen25VL", "Qwen25VLConfig", "VisionConfig", "preprocess_images", "image_grid", "smart_resize",
            "mrope_positions", "mrope_cos_sin"]
+
+
+QWEN_VL_SYSTEM = "You are a helpful assistant."   # the default system turn of Qwen2.5-VL's chat template
+NANOVLM_FIELDS = {"min_pixels", "max_pixels", "system_prompt", "numeric", "stop_token_ids", "pad_token_id"}
 
 
 def _qwen25vl_3b_lm():
@@ -70,6 +76,13 @@ class Qwen25VLConfig:
     vision_end_token_id: int = 151653
     stop_token_ids: tuple = (151645, 151643)   # <|im_end|>, <|endoftext|>
     pad_token_id: int = 151643
+    # What a nanovlm training run adds (config.json keeps them under "nanovlm", with the stop and pad ids; the
+    # hub's files have none): the image resolution range and system prompt it trained with, so sampling uses the
+    # same, and a numeric head.
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
+    system_prompt: str = QWEN_VL_SYSTEM
+    numeric: dict = None               # numeric.NumericConfig as a dict; None: no head
 
     def __post_init__(self):  # accept plain dicts (as read back from a training config)
         if isinstance(self.lm, dict):
@@ -108,8 +121,12 @@ class Qwen25VLConfig:
         lm["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
         ids = {k: hf[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                   "vision_end_token_id") if hf.get(k) is not None}
+        ours = hf.get("nanovlm", {})
+        unknown = set(ours) - NANOVLM_FIELDS
+        if unknown:
+            raise ValueError(f"{where}: unknown nanovlm setting(s) {sorted(unknown)}")
         return cls(lm=Qwen2Config.from_hf(lm), vision=VisionConfig.from_hf(hf["vision_config"]),
-                   mrope_section=tuple(rope["mrope_section"]), **ids)
+                   mrope_section=tuple(rope["mrope_section"]), **ids, **ours)
 
     def to_hf(self, dtype=torch.float32):
         """The flat config.json of the hub checkpoints, which transformers 4.x and 5.x (and vLLM) read."""
@@ -127,7 +144,14 @@ class Qwen25VLConfig:
             "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
             "vision_config": self.vision.to_hf(), "torch_dtype": dtype, "dtype": dtype,
+            "nanovlm": {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "system_prompt": self.system_prompt,
+                        "numeric": asdict(self.numeric) if is_dataclass(self.numeric) else self.numeric,
+                        "stop_token_ids": list(self.stop_token_ids), "pad_token_id": self.pad_token_id},
         }
+
+    def to_dict(self):
+        """config.json of a training checkpoint: the hub's form, which transformers reads."""
+        return self.to_hf()
 
     def image_tokens(self, grid_thw):
         """LM tokens per image: t*h*w / merge^2 for each row of grid_thw (n, 3). A list of ints."""
@@ -196,17 +220,34 @@ def mrope_cos_sin(position_ids, head_dim, theta, section, dtype):
 # ---- the model ---------------------------------------------------------------------------------------------
 
 class Qwen25VL(nn.Module):
-    def __init__(self, cfg: Qwen25VLConfig):
+    def __init__(self, cfg: Qwen25VLConfig, lm=None, vision=None, projector=None):
+        """A new model (trained from scratch), or one made of given parts (numeric.py: from_vlm)."""
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionTower(cfg.vision)
-        self.projector = PatchMerger(cfg.vision)   # the official `visual.merger`
-        self.lm = Qwen2(cfg.lm)
-        self.vision.apply(Qwen2._init_weights)      # for training from scratch; from_pretrained overwrites all
-        self.projector.apply(Qwen2._init_weights)
+        self.vision = vision if vision is not None else VisionTower(cfg.vision)
+        self.projector = projector if projector is not None else PatchMerger(cfg.vision)   # the official `visual.merger`
+        self.lm = lm if lm is not None else Qwen2(cfg.lm)
+        if vision is None:   # for training from scratch; from_pretrained overwrites all
+            self.vision.apply(Qwen2._init_weights)
+        if projector is None:
+            self.projector.apply(Qwen2._init_weights)
+
+    # The loss and its token counts, and generation's hooks (the next token's logits, its input embedding, a
+    # decoding step), are the SigLIP VLM's as they are: after the image features are in and the prompt's MRoPE
+    # positions are in the cache (prefill), both models are the same Qwen2 decoder.
+    outputs, loss_counts, vision_side_trains = VLM.outputs, VLM.loss_counts, VLM.vision_side_trains
+    next_logits, step_embed, decode_step, compiled_decode_step = (VLM.next_logits, VLM.step_embed, VLM.decode_step,
+                                                                   VLM.compiled_decode_step)
 
     def image_tokens(self, grid_thw):
         return self.cfg.image_tokens(grid_thw)
+
+    def image_processor(self):
+        """Images -> this model's inputs (pixel_values, image_grid_thw) and each image's token count, at the pixel
+        range the model is set to (cfg.min_pixels, cfg.max_pixels)."""
+        v = self.cfg.vision
+        return Qwen25VLImages(self.cfg.min_pixels, self.cfg.max_pixels, v.patch_size, v.spatial_merge_size,
+                              v.temporal_patch_size)
 
     def image_features(self, pixel_values, image_grid_thw):
         """(N_patches, C*T*p*p) -> (sum of image_tokens, lm hidden), images one after another."""
@@ -227,6 +268,14 @@ class Qwen25VL(nn.Module):
         if per_image:
             feats = self.image_features(pixel_values, image_grid_thw).to(x.dtype)         # (sum, C)
             x = x.masked_scatter(is_image[..., None], feats)
+        elif isinstance(self, FSDPModule) or (torch.is_grad_enabled() and self.vision_side_trains()):
+            # No images: a blank one of the smallest size (one merged token) runs through the vision side and
+            # counts zero times, as in VLM.embed (why: there).
+            v = self.cfg.vision
+            m = v.spatial_merge_size
+            blank = x.new_zeros(m * m, 3 * v.temporal_patch_size * v.patch_size ** 2)        # (m*m, 1176)
+            grid = torch.tensor([[1, m, m]], device=x.device)
+            x = x + 0 * self.image_features(blank, grid).sum().to(x.dtype)
         return x
 
     def positions(self, input_ids, image_grid_thw=None, attention_mask=None):
@@ -254,79 +303,36 @@ class Qwen25VL(nn.Module):
             cache.advance(T if attention_mask is None else (attention_mask > 0).sum(1))
         return self.lm.norm(x)
 
-    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, labels=None,
-                where=None, packing=None):
-        """Logits (B, T, vocab); with labels, {"loss" (mean over labelled tokens), "n_tokens"} instead, the
-        logits computed only where a label is scored (as nanovlm/vlm.py)."""
-        x = self.embed(input_ids, pixel_values, image_grid_thw, where)
+    def states(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, packing=None,
+               where=None, **embed_kw):
+        """A batch through the model: the final normed states (B, T, C) the head reads. embed_kw goes to embed()
+        (numeric.NumericQwen25VL: num_values)."""
+        x = self.embed(input_ids, pixel_values, image_grid_thw, where=where, **embed_kw)
         position_ids, _ = self.positions(input_ids, image_grid_thw, attention_mask)
-        h = self.hidden_states(x, position_ids, attention_mask, packing=packing)         # (B, T, C)
-        if labels is None:
-            return self.lm.logits(h)
-        targets = labels[:, 1:]                                                            # (B, T-1)
-        keep = targets != -100
-        loss = self.lm.head_loss(h[:, :-1][keep], targets[keep])      # never all the (N, vocab) logits at once
-        n = keep.sum()
-        return {"loss": loss / n.clamp(min=1), "n_tokens": n}
+        return self.hidden_states(x, position_ids, attention_mask, packing=packing)        # (B, T, C)
+
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, labels=None,
+                n_label_tokens=None, packing=None, where=None):
+        """Logits (B, T, vocab); with labels, {"loss", "n_tokens"} instead, the logits computed only where a label
+        is scored, the loss divided by n_label_tokens (default: this batch's count), as VLM.forward."""
+        h = self.states(input_ids, pixel_values, image_grid_thw, attention_mask, packing, where)
+        return self.lm.logits(h) if labels is None else self.outputs(h, labels, n_label_tokens)
 
     # ---- generation ---------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(self, prompts, pixel_values=None, image_grid_thw=None, max_new_tokens=64, temperature=0.0,
-                 top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None, on_token=None, include_stop=False):
-        """Sample continuations of a batch of prompts together, with a KV cache (as VLM.generate).
+    def prefill(self, input_ids, attention_mask, cache, pixel_values=None, image_grid_thw=None, **embed_kw):
+        """The prompts (right-padded, attention_mask 1...1 0...0) into a fresh KVCache with MRoPE positions:
+        -> final states (B, T, C). Sets the cache's offsets to the rope deltas, so every later token, text, is at
+        position slot + delta, where MRoPE is the LM's own 1-D RoPE (the three streams agree): from here on the
+        plain decoder with the cache computes Qwen2.5-VL (VLM.decode_step, grpo's completion pass)."""
+        x = self.embed(input_ids, pixel_values, image_grid_thw, **embed_kw)
+        position_ids, deltas = self.positions(input_ids, image_grid_thw, attention_mask)
+        h = self.hidden_states(x, position_ids, attention_mask, cache)
+        cache.offset = deltas.to(cache.offset)
+        return h
 
-        prompts: list of token-id lists (lengths may differ); their image-pad runs take the images of
-        pixel_values / image_grid_thw in order. temperature 0 = greedy. A row stops at any of
-        cfg.stop_token_ids (returned only with include_stop=True). on_token(row, token_id) streams.
-        Returns a list of new-token lists."""
-        device = self.lm.embed_tokens.weight.device
-        B, T = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, T), self.cfg.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros(B, T, dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):            # right padding: the cache keeps each row's length
-            ids[b, :len(p)] = torch.tensor(p, device=device)
-            mask[b, :len(p)] = True
-        lm = self.cfg.lm
-        # The cache holds k, v as attention gets them: in the autocast dtype under torch.autocast.
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
-            self.lm.embed_tokens.weight.dtype
-        cache = KVCache(lm.num_hidden_layers, B, T + max_new_tokens, lm.num_key_value_heads, lm.head_dim,
-                        dtype=dtype, device=device)
-        x = self.embed(ids, pixel_values, image_grid_thw)
-        position_ids, deltas = self.positions(ids, image_grid_thw, mask)
-        h = self.hidden_states(x, position_ids, mask, cache)
-        h = h[torch.arange(B, device=device), mask.sum(1) - 1]                              # (B, C) last real
-
-        def next_logits(h):   # an image-pad is never an output: images come from pixels
-            logits = self.lm.logits(h)
-            logits[:, self.cfg.image_token_id] = float("-inf")
-            return logits
-        logits = next_logits(h)
-        seen = ids.masked_fill(~mask, -1)                     # tokens for the repetition penalty
-        out = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        stops = torch.tensor(self.cfg.stop_token_ids, device=device)
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)  # (B,)
-            stopping = torch.isin(nxt, stops) & ~done
-            if include_stop:
-                for b in stopping.nonzero().flatten().tolist():
-                    out[b].append(int(nxt[b]))
-            done |= stopping
-            for b in (~done).nonzero().flatten().tolist():
-                out[b].append(int(nxt[b]))
-                if on_token is not None:
-                    on_token(b, int(nxt[b]))
-            if done.all():
-                break
-            seen = torch.cat([seen, nxt[:, None]], 1)
-            nxt = nxt.masked_fill(done, self.cfg.pad_token_id)  # finished rows run along, their output ignored
-            # The new token sits at cache slot lengths[b]; its position in all three streams is that + delta.
-            pos = (cache.lengths + deltas)[None, :, None].expand(3, B, 1)                    # (3, B, 1)
-            h = self.hidden_states(self.lm.embed_tokens(nxt[:, None]), pos, cache=cache)[:, -1]
-            logits = next_logits(h)
-        return out
+    # Generation is VLM.generate as it is (image_grid_thw goes with embed_kw to prefill above).
+    generate = VLM.generate
 
     # ---- official checkpoints -------------------------------------------------------------------------------
 
@@ -338,11 +344,13 @@ class Qwen25VL(nn.Module):
             for p in ("norm1.weight", "norm2.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
                       "attn.proj.bias", "mlp.gate_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.weight",
                       "mlp.up_proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias"):
-                m[f"vision.blocks.{i}.{p}"] = f"visual.blocks.{i}.{p}"
+                m[f"vision.layers.{i}.{p}"] = f"visual.blocks.{i}.{p}"
         m["projector.ln_q.weight"] = "visual.merger.ln_q.weight"
         for ours, official in (("fc1", "mlp.0"), ("fc2", "mlp.2")):
             for p in ("weight", "bias"):
                 m[f"projector.{ours}.{p}"] = f"visual.merger.{official}.{p}"
+        # What the hub has no place for (the numeric head) keeps our names: transformers skips those tensors.
+        m.update({k: k for k in self.state_dict() if k.split(".")[0] not in ("lm", "vision", "projector")})
         return m
 
     @staticmethod
@@ -363,10 +371,14 @@ class Qwen25VL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=None, attn_backend="auto"):
-        """Load an official Qwen2.5-VL checkpoint (a directory or a hub repo id). dtype None: float32."""
+        """Load an official Qwen2.5-VL checkpoint (a directory or a hub repo id), or a training run's (the same
+        layout; one with a numeric head loads as numeric.NumericQwen25VL). dtype None: float32."""
         ckpt = resolve_checkpoint(path_or_repo_id)
         cfg = Qwen25VLConfig.from_hf(read_config(ckpt), where=ckpt / "config.json")
         cfg.lm.attn_backend = cfg.vision.attn_backend = attn_backend
+        if cfg.numeric is not None and cls is Qwen25VL:
+            from nanovlm.numeric import NumericQwen25VL
+            cls = NumericQwen25VL
         with torch.device("meta"):  # no time spent on a random init that the weights overwrite
             model = cls(cfg)
         # A tied checkpoint may still carry a copy of the head; it is the embedding, so skip it.

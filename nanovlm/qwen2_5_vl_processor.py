@@ -94,3 +94,41 @@ def preprocess_images(images, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patc
     if not patches:
         raise ValueError("preprocess_images got no images")
     return torch.from_numpy(np.concatenate(patches)), torch.tensor(grids, dtype=torch.long)
+
+
+class Qwen25VLImages:
+    """Images -> Qwen2.5-VL's inputs, as data.py, sampling and GRPO ask for them (the interface of
+    siglip.SiglipImages): each image at its own size within [min_pixels, max_pixels], worth as many LM tokens as
+    its size gives.
+
+        images = Qwen25VLImages(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+        images([pil_a, pil_b])           # {"pixel_values": (sum t*h*w, 1176), "image_grid_thw": (2, 3)}
+        images.image_tokens("a.jpg")     # LM tokens for that image, from its header (size) alone
+
+    Both tensors concatenate along dim 0 when samples are batched: the patch rows of each image, then the next
+    image's, and one grid row per image, in reading order."""
+
+    def __init__(self, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, merge_size=2,
+                 temporal_patch_size=2):
+        if min_pixels > max_pixels:
+            raise ValueError(f"min_pixels {min_pixels} is larger than max_pixels {max_pixels}")
+        self.kw = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size, merge_size=merge_size)
+        self.temporal_patch_size = temporal_patch_size
+
+    def image_tokens(self, path):
+        with Image.open(path) as image:
+            width, height = image.size
+        t, h, w = image_grid(height, width, **self.kw)
+        return t * h * w // self.kw["merge_size"] ** 2
+
+    def __call__(self, images):
+        if not images:   # a text-only sample: no patch rows, no grid rows
+            return {"pixel_values": torch.zeros(0, 3 * self.temporal_patch_size * self.kw["patch_size"] ** 2),
+                    "image_grid_thw": torch.zeros(0, 3, dtype=torch.long)}
+        pixel_values, grid = preprocess_images(images, temporal_patch_size=self.temporal_patch_size, **self.kw)
+        return {"pixel_values": pixel_values, "image_grid_thw": grid}
+
+    def __str__(self):
+        lo, hi = self.kw["min_pixels"], self.kw["max_pixels"]
+        unit = (self.kw["patch_size"] * self.kw["merge_size"]) ** 2
+        return f"{-(-lo // unit)}-{hi // unit} tokens per image (min_pixels {lo}, max_pixels {hi})"

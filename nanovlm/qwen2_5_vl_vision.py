@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanovlm.attention import Packing, attention
+from nanovlm.attention import Packing, attention, resolve_backend
 from nanovlm.qwen2 import RMSNorm, apply_rope
 
 
@@ -112,15 +112,37 @@ def window_order(grid_thw, merge, window):
     return torch.cat(order).to(grid_thw.device), torch.cat(lengths).to(grid_thw.device)
 
 
+@dataclass
+class Segments:
+    """Consecutive runs (images, frames or windows) of a packed sequence, in the two forms attention takes them:
+    `packing` (cu_seqlens) for flash-attn's varlen kernel and flex's block mask on a GPU, and `groups` for the
+    other backends: for each run length L, the token indices (n, L) of the n runs of that length."""
+    packing: Packing
+    groups: list
+
+    @classmethod
+    def from_lengths(cls, lengths):
+        """lengths (S,): the runs' token counts, summing to N. Built once per forward, for all blocks."""
+        device, lengths = lengths.device, lengths.cpu()
+        starts = lengths.cumsum(0) - lengths
+        groups = [(starts[lengths == L][:, None] + torch.arange(L)).to(device) for L in lengths.unique().tolist()]
+        return cls(Packing.from_lengths(lengths).to(device), groups)
+
+
 def segment_attention(q, k, v, segments, backend):
     """Bidirectional attention within consecutive segments of a packed sequence (an image, a frame or a
-    window each). q, k, v: (N, H, D); segments: attention.Packing.from_lengths(lengths), lengths (S,) summing
-    to N, built once per forward. -> (N, H, D).
+    window each). q, k, v: (N, H, D); segments: Segments. -> (N, H, D).
 
-    The packed sequence is a batch of one row cut into runs at cu_seqlens = [0, cumsum(lengths)]: flash-attn
-    runs them as varlen segments and flex as a block-sparse mask (nothing between segments is computed); math
-    and sdpa build the (N, N) block-diagonal mask, the reference."""
-    return attention(q[None], k[None], v[None], causal=False, backend=backend, packing=segments)[0]
+    Nothing between two segments is ever computed. flash-attn runs the segments as varlen runs of one sequence
+    (cu_seqlens) and flex as a block-sparse mask; math and sdpa take the segments of each length together as a
+    batch (n, L, H, D), so a batch of equal images (or the full windows of an image) is one plain attention call."""
+    backend = resolve_backend(backend, q.device, q.dtype, "packed")
+    if backend in ("flash", "flex"):
+        return attention(q[None], k[None], v[None], causal=False, backend=backend, packing=segments.packing)[0]
+    out = torch.empty_like(q)
+    for index in segments.groups:                                                      # (n, L) token indices
+        out[index] = attention(q[index], k[index], v[index], causal=False, backend=backend)   # (n, L, H, D)
+    return out
 
 
 # ---- the modules -------------------------------------------------------------------------------------------
@@ -187,7 +209,7 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))   # the hub's visual.blocks
 
     def rope_cos_sin(self, positions):
         """2-D rotary angles: (N, 2) (row, column) -> cos, sin (N, head_dim) in fp32.
@@ -221,11 +243,11 @@ class VisionTower(nn.Module):
         x, cos, sin = x[perm], cos[perm], sin[perm]
         # The segments of the packed sequence, once for all blocks: windows, and (images (frames) stay
         # contiguous under the permutation) whole frames for the full-attention blocks.
-        windows = Packing.from_lengths(window_blocks * unit)                                  # patches per window
-        frames = Packing.from_lengths(torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]))
+        windows = Segments.from_lengths(window_blocks * unit)                                 # patches per window
+        frames = Segments.from_lengths(torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]))
         if x.is_cuda:                              # flex's block masks, once, outside any compiled block
-            windows.prepare_flex(causal=False), frames.prepare_flex(causal=False)
-        for i, block in enumerate(self.blocks):
+            windows.packing.prepare_flex(causal=False), frames.packing.prepare_flex(causal=False)
+        for i, block in enumerate(self.layers):
             x = block(x, cos, sin, frames if i in cfg.fullatt_block_indexes else windows)
         return x[torch.argsort(perm)]                                                         # back to input order
 

@@ -104,6 +104,29 @@ def preprocess_image(image, size=224):
     return torch.from_numpy(x.transpose(2, 0, 1).copy())                       # (3, H, W)
 
 
+class SiglipImages:
+    """Images -> the SigLIP VLM's inputs, as data.py, sampling and GRPO ask for them: every image squashed to
+    size x size and worth the same `tokens` LM tokens. qwen2_5_vl_processor.Qwen25VLImages answers the same three
+    questions for Qwen2.5-VL, whose images keep their own size.
+
+        images = SiglipImages(224, 49)
+        images([pil_a, pil_b])           # {"pixel_values": (2, 3, 224, 224)}, concatenated along dim 0 in a batch
+        images.image_tokens("a.jpg")     # 49: LM tokens for that image (no need to open it)"""
+
+    def __init__(self, size, tokens):
+        self.size, self.tokens = size, tokens
+
+    def image_tokens(self, path):
+        return self.tokens
+
+    def __call__(self, images):
+        pixels = [preprocess_image(image, self.size) for image in images]
+        return {"pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, self.size, self.size)}
+
+    def __str__(self):
+        return f"{self.tokens} tokens per image ({self.size}x{self.size} pixels)"
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()

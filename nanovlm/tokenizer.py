@@ -15,7 +15,9 @@ merging fast) and add the four things a VLM needs on top of it:
 
 2. Image placeholders. `<image>` in the text becomes `<|vision_start|>` + N x `<|image_pad|>` +
    `<|vision_end|>`. The N pad tokens are slots: the VLM overwrites their embeddings with the N vision
-   features of that image (N = image tokens per image, fixed by the vision tower + projector).
+   features of that image. `image_tokens` gives N: one number for every image (the SigLIP VLM: fixed by the
+   vision tower + projector) or a list, one per `<image>` tag in reading order (Qwen2.5-VL: each image's own
+   count, from its size).
 
 3. Template safety. Special tokens come only from the template: a control token typed in a message
    (`<|im_end|>\n<|im_start|>assistant` inside a user turn) would otherwise become the real token, so the
@@ -33,6 +35,7 @@ the synthetic corpus (`train_tiny_tokenizer`): both have the same special tokens
 only their ids differ, and every id is looked up by name.
 """
 
+import itertools
 import os
 import re
 
@@ -113,8 +116,11 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def expand_images(self, text, image_tokens):
-        block = "<|vision_start|>" + "<|image_pad|>" * image_tokens + "<|vision_end|>"
-        return text.replace(IMAGE_TAG, block)
+        """Each <image> tag -> vision_start, its pads, vision_end. image_tokens: an int (every image) or an
+        iterator of per-image counts, consumed one per tag."""
+        counts = itertools.repeat(image_tokens) if isinstance(image_tokens, int) else image_tokens
+        first, *rest = text.split(IMAGE_TAG)
+        return first + "".join(f"<|vision_start|>{'<|image_pad|>' * next(counts)}<|vision_end|>{part}" for part in rest)
 
     def check_text(self, text, what):
         """A control token typed in text is an error naming `what` (sample and turn) and the token."""
@@ -137,13 +143,20 @@ class Tokenizer:
         if messages and messages[0]["role"] == "system":   # the conversation's own system prompt wins
             system, messages = messages[0]["content"], messages[1:]
         turns = ([{"role": "system", "content": system}] if system is not None else []) + list(messages)
+        counts = image_tokens
+        if not isinstance(image_tokens, int):   # one count per <image> tag
+            n_tags = sum(m["content"].count(IMAGE_TAG) for m in turns)
+            if len(image_tokens) != n_tags:
+                raise ValueError(f"{where}: {n_tags} {IMAGE_TAG} tag(s) but image token counts for "
+                                 f"{len(image_tokens)} image(s)")
+            counts = iter(image_tokens)
         text, spans = "", []
         for m in turns:
             if m["role"] not in ("system", "user", "assistant"):
                 raise ValueError(f"unknown role {m['role']!r} (expected system, user or assistant)")
             text += f"<|im_start|>{m['role']}\n"
             start = len(text)
-            text += self.expand_images(m["content"], image_tokens) + "<|im_end|>"
+            text += self.expand_images(m["content"], counts) + "<|im_end|>"
             if m["role"] == "assistant":
                 spans.append((start, len(text)))
             text += "\n"
@@ -165,9 +178,10 @@ class Tokenizer:
 
     def chat_lengths(self, conversations, image_tokens, system=DEFAULT_SYSTEM, wheres=None):
         """Token counts of many chats at once, without materialising the image pads: each image costs
-        exactly image_tokens + 2 tokens (special tokens are never merged), so we tokenize with one pad
+        exactly its image tokens + 2 tokens (special tokens are never merged), so we tokenize with one pad
         per image and add the rest. Likewise the default system turn, the same in every chat, is counted
         once. BPE runs at roughly 0.3-0.5M tokens/s: LLaVA's 595K captions take a minute or two.
+        image_tokens: an int (every image), or one list of per-image counts per chat.
         wheres: one name per chat for errors (e.g. "data.json:12")."""
         if system is not None:
             self.check_text(system, "system prompt")
@@ -178,7 +192,8 @@ class Tokenizer:
             texts.append(self.render_chat(messages, 1, system=None, where=where)[0])   # own system turn rendered
             own_system = bool(messages) and messages[0]["role"] == "system"
             n_images = sum(m["content"].count(IMAGE_TAG) for m in messages)
-            extra.append(n_images * (image_tokens - 1) + (0 if own_system else system_len))
+            pads = n_images * image_tokens if isinstance(image_tokens, int) else sum(image_tokens[i])
+            extra.append(pads - n_images + (0 if own_system else system_len))
         encs = self.tok.encode_batch(texts, add_special_tokens=False)
         return [len(e.ids) + n for e, n in zip(encs, extra)]
 

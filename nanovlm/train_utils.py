@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.utils.checkpoint
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from nanovlm import weights
 from nanovlm.muon import Muon
@@ -466,14 +466,19 @@ def read_config(path):
     return weights.read_config(checkpoint_dir(path))
 
 
-def load_checkpoint(path, model, optimizer=None, rank=0, device="cpu"):
-    """Load weights into `model`; with an optimizer also its state and this rank's RNG state.
+def load_checkpoint(path, model, optimizer=None, rank=0, device="cpu", names=None):
+    """Load weights into `model`; with an optimizer also its state and this rank's RNG state. names: {parameter
+    name: name in the file} when the file uses other names (a Qwen2.5-VL checkpoint: the hub's).
 
     Returns the train state dict ({"step", "extra", ...}) or {} when only weights were asked for.
     """
     path = checkpoint_dir(path)
-    load_model(unwrap(model), str(path / "model.safetensors"), device=str(device))
-    weights.check_finite(unwrap(model).state_dict(), path / "model.safetensors")
+    if names is None:
+        load_model(unwrap(model), str(path / "model.safetensors"), device=str(device))
+        weights.check_finite(unwrap(model).state_dict(), path / "model.safetensors")
+    else:   # strict, by name and shape, with the same checks as an official checkpoint
+        weights.load_mapped(unwrap(model), load_file(path / "model.safetensors", device=str(device)), names,
+                            path / "model.safetensors")
     if optimizer is None:
         return {}
     if not (path / "train_state.pt").exists():

@@ -31,7 +31,7 @@ from nanovlm.attention import KVCache
 from nanovlm.projector import Projector, ProjectorConfig
 from nanovlm.qwen2 import Qwen2, Qwen2Config
 from nanovlm.sampling import sample_next
-from nanovlm.siglip import SiglipConfig, SiglipViT
+from nanovlm.siglip import SiglipConfig, SiglipImages, SiglipViT
 from nanovlm.weights import config_dtype, load_mapped, read_config, read_safetensors
 
 STOP_CHECK_EVERY = 8   # generate reads 'has every row stopped?' back from a GPU once per this many tokens
@@ -106,6 +106,10 @@ class VLM(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------
 
+    def image_processor(self):
+        """Images -> this model's inputs (pixel_values) and each image's token count (siglip.SiglipImages)."""
+        return SiglipImages(self.cfg.image_size, self.cfg.image_tokens)
+
     def image_features(self, pixel_values):
         """(N_img, 3, H, W) -> (N_img, image_tokens, lm_hidden)"""
         return self.projector(self.vision(pixel_values))
@@ -147,9 +151,13 @@ class VLM(nn.Module):
         The loss is the cross-entropy summed over the labelled next tokens, divided by n_label_tokens: by
         default this batch's count (the mean), but the training loop passes the count of the whole global batch
         (all micro-batches, all processes), so that splitting a batch changes nothing but float rounding."""
-        x = self.embed(input_ids, pixel_values)
-        h = self.lm.hidden_states(inputs_embeds=x, attention_mask=attention_mask, packing=packing)   # (B, T, C)
-        return self.outputs(h, labels, n_label_tokens)
+        return self.outputs(self.states(input_ids, pixel_values, attention_mask, packing), labels, n_label_tokens)
+
+    def states(self, input_ids, pixel_values=None, attention_mask=None, packing=None, **embed_kw):
+        """A batch through the model: the final normed states (B, T, C) the head reads. embed_kw goes to embed()
+        (NumericVLM: num_values)."""
+        x = self.embed(input_ids, pixel_values, **embed_kw)
+        return self.lm.hidden_states(inputs_embeds=x, attention_mask=attention_mask, packing=packing)   # (B, T, C)
 
     def outputs(self, h, labels=None, n_label_tokens=None):
         """Final hidden states (B, T, C) -> the logits, or the loss on the labelled positions."""
@@ -204,8 +212,7 @@ class VLM(nn.Module):
             self.lm.embed_tokens.weight.dtype
         size = -(-(T + max_new_tokens) // 64) * 64   # rounded up: fewer distinct shapes for a compiled step
         cache = KVCache(lm.num_hidden_layers, B, size, lm.num_key_value_heads, lm.head_dim, dtype, device)
-        x = self.embed(ids, pixel_values, **embed_kw)
-        h = self.lm.hidden_states(inputs_embeds=x, attention_mask=mask, cache=cache)           # (B, T, C)
+        h = self.prefill(ids, mask, cache, pixel_values, **embed_kw)                          # (B, T, C)
         h = h[torch.arange(B, device=device), last]                                           # (B, C) last real
         if num_samples > 1:
             cache = cache.repeat_interleave(num_samples)
@@ -241,6 +248,13 @@ class VLM(nn.Module):
             end = next((j for j, t in enumerate(row) if t in stop_ids), None)
             out.append(row if end is None else row[:end + include_stop])
         return out
+
+    def prefill(self, input_ids, attention_mask, cache, pixel_values=None, **embed_kw):
+        """The prompts (right-padded, attention_mask 1...1 0...0) and their images into a fresh KVCache: -> final
+        states (B, T, C). Every later token goes through the plain decoder with the cache (decode_step, and GRPO's
+        completion pass); Qwen25VL.prefill also sets the cache's position offsets."""
+        x = self.embed(input_ids, pixel_values, **embed_kw)
+        return self.lm.hidden_states(inputs_embeds=x, attention_mask=attention_mask, cache=cache)
 
     def next_logits(self, h):
         """(B, C) -> fp32 logits (B, vocab) of the next token. An image-pad token is never an output: images come
@@ -308,3 +322,17 @@ class VLM(nn.Module):
         tensors = read_safetensors(ckpt_dir)   # the same strict reader as the official checkpoints
         names = {k: k for k in model.state_dict()}
         return load_mapped(model, tensors, names, ckpt_dir, dtype=config_dtype(dtype) or torch.float32).eval()
+
+
+def load_vlm(ckpt_dir, dtype=None, attn_backend=None):
+    """The model of a checkpoint of either family, by its config.json's model_type: the SigLIP VLM ("vlm") or
+    Qwen2.5-VL ("qwen2_5_vl": a training run's checkpoint or an official one); with a numeric head, its numeric
+    class (numeric.py)."""
+    model_type = read_config(Path(ckpt_dir)).get("model_type")
+    if model_type == "qwen2_5_vl":
+        from nanovlm.qwen2_5_vl import Qwen25VL
+        return Qwen25VL.from_pretrained(ckpt_dir, dtype=dtype, attn_backend=attn_backend or "auto")
+    if model_type != "vlm":
+        raise ValueError(f"{ckpt_dir}/config.json has model_type {model_type!r}: not a vision-language model "
+                         "(known: 'vlm', 'qwen2_5_vl')")
+    return VLM.from_pretrained(ckpt_dir, dtype=dtype, attn_backend=attn_backend)

@@ -14,10 +14,21 @@ Presets:
                           nanovlm/synthetic.py), with a byte-level BPE trained on it: runs on a laptop CPU in
                           minutes. Nothing is pretrained, so every part learns in both stages; SFT trains the
                           weight matrices with Muon (muon.py).
+    tiny-qwen-vl          the same data and recipe on a tiny Qwen2.5-VL (qwen2_5_vl.py): scenes at 84x84 (6x6
+                          patches of 14, 3x3 LM tokens after the 2x2 merge), 2-D RoPE in the ViT, MRoPE in the LM.
     qwen2.5-0.5b-siglip   Qwen/Qwen2.5-0.5B-Instruct + google/siglip-base-patch16-224 from the hub (or local
                           directories via --lm / --vision); --data is required.
+    qwen2.5-vl-3b         Qwen/Qwen2.5-VL-3B-Instruct (or a local directory via --model): full fine-tuning, a
+    qwen2.5-vl-7b         frozen ViT (--lr-vision 0) or LoRA (--lora-rank); the 7B's full fine-tune with --fsdp.
+                          Images at their own size within --min-pixels/--max-pixels; --data is required.
 Every preset value is a flag default and can be overridden. Why each tiny default is what it is (the runs that
 chose it): docs/experiments.md.
+
+The two model families (the SigLIP VLM, vlm.py, and Qwen2.5-VL, qwen2_5_vl.py) train through the same loop: the
+model's image_processor() turns images into its inputs (data.py), and the models take the same calls (forward,
+loss_counts, states, generate). Where they differ here: build_model (which model), file_names (a Qwen2.5-VL
+checkpoint is in the official hub layout, so transformers and vLLM read it as it is) and train_flops (what each
+vision tower computes).
 """
 
 import argparse
@@ -34,13 +45,15 @@ import torch
 from nanovlm import fsdp, lora
 from nanovlm import train_utils as tu
 from nanovlm.data import VLMDataset, collate, load_data, pack
-from nanovlm.numeric import NumericConfig, NumericVLM
+from nanovlm.numeric import NumericConfig, NumericQwen25VL, NumericVLM, WithNumericHead
 from nanovlm.projector import ProjectorConfig
 from nanovlm.qwen2 import Qwen2Config
+from nanovlm.qwen2_5_vl import MAX_PIXELS, MIN_PIXELS, QWEN_VL_SYSTEM, Qwen25VL, Qwen25VLConfig, VisionConfig
+from nanovlm.qwen2_5_vl_vision import window_order
 from nanovlm.siglip import SiglipConfig
 from nanovlm.synthetic import ensure_synthetic, synthetic_tokenizer
 from nanovlm.tokenizer import DEFAULT_SYSTEM, Tokenizer
-from nanovlm.vlm import VLM, VLMConfig
+from nanovlm.vlm import VLM, VLMConfig, load_vlm
 from nanovlm.weights import resolve_checkpoint
 
 SYNTHETIC = "data/synthetic"
@@ -81,12 +94,46 @@ PRESETS = {
                      reward_funcs=["ocr", "format"], out_dir="out/grpo"),
     },
 }
+# Qwen2.5-VL from the hub. Learning rates as Qwen2-VL fine-tuning commonly uses them: LM and merger 1e-5, the ViT
+# 2e-6. Memory (estimated from the layer sizes, not measured): bf16 activations are ~4 MB a token for the 3B (36
+# layers of 2048) and ~6 MB for the 7B (28 of 3584), so 8k tokens a micro-batch need 35-45 GB; full fine-tuning adds
+# 16 bytes a parameter (60 GB for the 3B, 133 GB for the 7B): --fsdp shards that over the GPUs, and
+# --grad-checkpointing cuts the activations ~10x. A LoRA run or a frozen ViT needs far less.
+QWEN_VL = {
+    "common": dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_length=2048, pack=True, batch_size=4,
+                   grad_accum=1, warmup_steps=50, weight_decay=0.0, eval_every=500, save_every=500,
+                   system=QWEN_VL_SYSTEM, optimizer="adamw", min_lr_ratio=0.1),
+    "pretrain": dict(max_steps=2000, batch_tokens=8192, lr_vision=0.0, lr_projector=1e-5, lr_lm=0.0,
+                     out_dir="out/pretrain"),
+    "sft": dict(max_steps=2000, batch_tokens=8192, lr_vision=2e-6, lr_projector=1e-5, lr_lm=1e-5, out_dir="out/sft"),
+    "grpo": dict(max_steps=500, batch_size=4, grad_accum=1, warmup_steps=20, save_every=100, lr_vision=0.0,
+                 lr_projector=0.0, lr_lm=1e-6, max_new_tokens=256, num_generations=8, reward_funcs=["ocr", "format"],
+                 out_dir="out/grpo"),
+}
+PRESETS["qwen2.5-vl-3b"] = {**QWEN_VL, "common": dict(QWEN_VL["common"], model="Qwen/Qwen2.5-VL-3B-Instruct")}
+PRESETS["qwen2.5-vl-7b"] = {**QWEN_VL, "common": dict(QWEN_VL["common"], model="Qwen/Qwen2.5-VL-7B-Instruct")}
+# The tiny default's data and recipe on a tiny Qwen2.5-VL: the synthetic 96x96 scenes resized to 84x84 (the
+# largest multiple of 28 that fits max_pixels), 6x6 patches of 14 pixels, 3x3 LM tokens after the 2x2 merge: one
+# per cell of the scenes' grid, as the tiny default has. Its own output directories, so both can be trained.
+PRESETS["tiny-qwen-vl"] = {
+    "common": dict({k: v for k, v in PRESETS["tiny"]["common"].items() if k != "patch_size"}, max_pixels=84 * 84),
+    "pretrain": dict(PRESETS["tiny"]["pretrain"], out_dir="out/pretrain-qwen-vl"),
+    "sft": dict(PRESETS["tiny"]["sft"], out_dir="out/sft-qwen-vl"),
+    "grpo": dict(PRESETS["tiny"]["grpo"], init_from="out/sft-qwen-vl", out_dir="out/grpo-qwen-vl"),
+}
 NUMERIC_DEFAULTS = dict(numeric_hidden=512, numeric_transform="symlog")   # a new numeric head (--numeric)
 # The tiny model: ~2M parameters; 96x96 images, 16x16 patches -> 6x6 patches -> pixel shuffle 2 -> 3x3 = 9 image
 # tokens, one per cell of the synthetic scenes' 3x3 grid (so no cell is split across tokens).
 TINY_LM = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True)
 TINY_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
+# tiny-qwen-vl's tower, as wide and deep as TINY_VISION with about as many parameters (SwiGLU has three matrices
+# to the MLP's two, so 2/3 of the width). The real models' 112-pixel windows cover a whole 84x84 image, so every
+# block sees the whole image, as SigLIP's do; the last block is a full-attention one, as every 4th is in the real
+# towers. The LM is TINY_LM with the real models' MRoPE split (16, 24, 24 of 64) scaled to its 16 frequencies.
+TINY_QWEN_VISION = dict(depth=4, hidden_size=128, intermediate_size=344, num_heads=4, out_hidden_size=128,
+                        window_size=112, fullatt_block_indexes=(3,))
+TINY_MROPE = (4, 6, 6)
 
 
 def build_parser(doc, stage):
@@ -114,10 +161,14 @@ def build_parser(doc, stage):
     a("--system", help="system prompt (preset default); 'none' for no system turn")
 
     a = p.add_argument_group("model").add_argument
-    a("--lm", help="LM checkpoint dir or hub id (pretrained presets)")
-    a("--vision", help="vision checkpoint dir or hub id (pretrained presets)")
-    a("--image-size", type=int)
+    a("--lm", help="LM checkpoint dir or hub id (the qwen2.5-0.5b-siglip preset)")
+    a("--vision", help="vision checkpoint dir or hub id (the qwen2.5-0.5b-siglip preset)")
+    a("--model", help="Qwen2.5-VL checkpoint dir or hub id (the qwen2.5-vl presets)")
+    a("--image-size", type=int, help="the SigLIP VLM's input size; tiny presets: the synthetic images' size")
     a("--patch-size", type=int, help="tiny preset: the ViT's patch side in pixels (a pretrained tower has its own)")
+    a("--min-pixels", type=int, help="Qwen2.5-VL: images smaller than this many pixels are scaled up (default 56*56)")
+    a("--max-pixels", type=int, help="Qwen2.5-VL: images larger than this many pixels are scaled down (default "
+      "28*28*1280, 1280 tokens): the knob between detail and sequence length")
     a("--slot-embedding", action="store_true", help="a new projector adds a learned vector per image token, "
       "telling the LM where in the image the token comes from (projector.py; off by default, docs/experiments.md)")
 
@@ -177,6 +228,9 @@ def resolve_args(args):
     preset = PRESETS[args.preset]
     if args.patch_size is not None and "patch_size" not in preset["common"]:
         raise SystemExit(f"--patch-size is for the tiny preset; --preset {args.preset} uses its vision tower's own")
+    if "model" in preset["common"] and args.image_size is not None:
+        raise SystemExit(f"--image-size is for the SigLIP VLM; --preset {args.preset} takes each image at its own "
+                         "size, within --min-pixels/--max-pixels")
     # the flags typed on the command line, among those that default to None or False (_check_init_from's do)
     given = {key for key, value in vars(args).items() if value not in (None, False)}
     for key, value in {**NUMERIC_DEFAULTS, **preset["common"], **preset[args.stage]}.items():
@@ -207,38 +261,65 @@ def resolve_args(args):
 
 
 def build_model(args, dist):
-    """(model, tokenizer) for the run: from --init-from, pretrained backbones, or the tiny preset from scratch.
-    With --numeric a model without a head gets a fresh one (numeric.NumericVLM)."""
+    """(model, tokenizer) for the run: from --init-from (either family, by its config), a tiny preset from
+    scratch, Qwen2.5-VL from the hub (--model), or pretrained SigLIP + Qwen2.5 backbones. A Qwen2.5-VL model takes
+    --min-pixels/--max-pixels. With --numeric a model without a head gets a fresh one (numeric.py)."""
     if args.init_from:
         ckpt = tu.checkpoint_dir(args.init_from)
-        model, tok = VLM.from_pretrained(ckpt), Tokenizer.from_dir(ckpt)
-    elif args.preset == "tiny":
+        model, tok = load_vlm(ckpt), Tokenizer.from_dir(ckpt)
+    elif args.preset in ("tiny", "tiny-qwen-vl"):
         if dist.is_main:   # the dataset and its tokenizer, made once (rank 0) and read by every rank
             ensure_synthetic(args.data_dir, n_train=args.n_synthetic, n_val=max(50, args.n_synthetic // 20),
                              image_size=args.image_size)
         tu.barrier()
         tok = synthetic_tokenizer(args.data_dir)
-        vision = dict(TINY_VISION, image_size=args.image_size, patch_size=args.patch_size)
-        cfg = VLMConfig(lm=Qwen2Config(vocab_size=len(tok), **TINY_LM), vision=SiglipConfig(**vision),
-                        projector=ProjectorConfig(shuffle_factor=2, slot_embedding=args.slot_embedding),
-                        image_token_id=tok.image_pad, stop_token_ids=(tok.im_end, tok.endoftext),
-                        pad_token_id=tok.endoftext)
         torch.manual_seed(args.seed)
-        model = VLM(cfg)
+        model = tiny_model(args, tok)
+    elif args.model:
+        fetch_once_per_machine([args.model], dist)
+        path = resolve_checkpoint(args.model)
+        model, tok = Qwen25VL.from_pretrained(path).train(), Tokenizer.from_dir(path)
+        if model.cfg.image_token_id != tok.image_pad:
+            raise ValueError(f"{path}: config.json's image_token_id {model.cfg.image_token_id} is not the "
+                             f"tokenizer's <|image_pad|> ({tok.image_pad})")
+        # the stop and pad ids by name from the tokenizer (the hub's config.json names only one eos id)
+        model.cfg.stop_token_ids, model.cfg.pad_token_id = (tok.im_end, tok.endoftext), tok.endoftext
     else:
         fetch_once_per_machine([args.lm, args.vision], dist)
         tok = Tokenizer.from_dir(resolve_checkpoint(args.lm))
         model = VLM.from_backbones(args.lm, args.vision, ProjectorConfig(shuffle_factor=2, slot_embedding=args.slot_embedding),
                                    image_token_id=tok.image_pad, stop_token_ids=(tok.im_end, tok.endoftext),
                                    pad_token_id=tok.endoftext, image_size=args.image_size).float()
-        if tok.num >= model.cfg.lm.vocab_size:
-            raise ValueError(f"tokenizer has {len(tok)} tokens but the LM only {model.cfg.lm.vocab_size} embeddings")
-    if getattr(args, "numeric", False) and not isinstance(model, NumericVLM):
-        model = NumericVLM.from_vlm(model, NumericConfig(tok.num, hidden=args.numeric_hidden,
-                                                         transform=args.numeric_transform))
-    if isinstance(model, NumericVLM):
+    if tok.num >= model.cfg.lm.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the LM only {model.cfg.lm.vocab_size} embeddings")
+    pixels = {k: getattr(args, k, None) for k in ("min_pixels", "max_pixels")}
+    if isinstance(model, Qwen25VL):   # the range the run trains (and its checkpoint samples) at
+        model.cfg.min_pixels = pixels["min_pixels"] or model.cfg.min_pixels
+        model.cfg.max_pixels = pixels["max_pixels"] or model.cfg.max_pixels
+        model.image_processor()   # a range that cannot work (min > max) is refused here
+    elif any(pixels.values()):
+        raise SystemExit("--min-pixels/--max-pixels are for Qwen2.5-VL models; the SigLIP VLM's images are "
+                         f"{model.cfg.image_size}x{model.cfg.image_size}")
+    if getattr(args, "numeric", False) and not isinstance(model, WithNumericHead):
+        numeric = NumericQwen25VL if isinstance(model, Qwen25VL) else NumericVLM
+        model = numeric.from_vlm(model, NumericConfig(tok.num, hidden=args.numeric_hidden,
+                                                      transform=args.numeric_transform))
+    if isinstance(model, WithNumericHead):
         model.cfg.numeric.loss_weight = args.numeric_loss_weight
     return model, tok
+
+
+def tiny_model(args, tok):
+    """A tiny model of the preset's family, randomly initialised, for the synthetic data and its tokenizer."""
+    lm = Qwen2Config(vocab_size=len(tok), **TINY_LM)
+    special = dict(image_token_id=tok.image_pad, stop_token_ids=(tok.im_end, tok.endoftext), pad_token_id=tok.endoftext)
+    if args.preset == "tiny-qwen-vl":
+        return Qwen25VL(Qwen25VLConfig(lm=lm, vision=VisionConfig(**TINY_QWEN_VISION), mrope_section=TINY_MROPE,
+                                       vision_start_token_id=tok.vision_start, vision_end_token_id=tok.vision_end,
+                                       **special))
+    vision = dict(TINY_VISION, image_size=args.image_size, patch_size=args.patch_size)
+    return VLM(VLMConfig(lm=lm, vision=SiglipConfig(**vision), **special,
+                         projector=ProjectorConfig(shuffle_factor=2, slot_embedding=args.slot_embedding)))
 
 
 def fetch_once_per_machine(checkpoints, dist):
@@ -254,10 +335,9 @@ def fetch_once_per_machine(checkpoints, dist):
 def datasets(args, model, tok, verbose=True):
     """(training set, validation set or None), tokenized with the model's image size and chat template, every
     sample checked up front (data.py); verbose: print one summary line per data file (the main process)."""
-    numeric = isinstance(model, NumericVLM)
-    kw = dict(tokenizer=tok, image_size=model.cfg.image_size, image_tokens=model.cfg.image_tokens,
-              max_length=args.max_length, drop_long=args.drop_long, system=model.cfg.system_prompt, numeric=numeric,
-              verbose=verbose)
+    numeric = isinstance(model, WithNumericHead)
+    kw = dict(tokenizer=tok, images=model.image_processor(), max_length=args.max_length, drop_long=args.drop_long,
+              system=model.cfg.system_prompt, numeric=numeric, verbose=verbose)
     train_set = VLMDataset(load_data(args.data, args.image_root, seed=args.seed), **kw)
     val_set = VLMDataset(load_data(args.val_data, args.image_root), **kw) if args.val_data else None
     return train_set, val_set
@@ -288,7 +368,7 @@ def make_vlm_optimizer(model, args):
     groups = [("vision", model.vision.parameters(), args.lr_vision),
               ("projector", model.projector.parameters(), args.lr_projector),
               ("lm", model.lm.parameters(), args.lr_lm)]
-    if isinstance(model, NumericVLM):
+    if isinstance(model, WithNumericHead):
         groups.append(("numeric", model.numeric.parameters(), args.numeric_lr))
     return tu.make_optimizer(groups, weight_decay=args.weight_decay, muon_params=matrices)
 
@@ -300,9 +380,10 @@ def train_flops(model, batch):
     over the patches of the batch's images, the projector over their image tokens, the LM over the real (not
     padding) tokens, the output head only over the labelled positions. Attention scores and weighted sums are
     counted per sample: L (L + 1) / 2 query-key pairs for a causal sample of L tokens, P^2 for an image of P
-    patches. The backward pass costs 2x a layer's forward for the input gradient when anything before the layer
-    trains (a gradient must pass through it), plus 2x for the weight gradient when its weight trains. Norms,
-    activations, biases and embedding lookups are left out: a few percent at most."""
+    patches; Qwen2.5-VL's tower, P^2 per window of P patches in its window blocks and per image (frame) in its
+    full-attention blocks. The backward pass costs 2x a layer's forward for the input gradient when anything
+    before the layer trains (a gradient must pass through it), plus 2x for the weight gradient when its weight
+    trains. Norms, activations, biases, rotary embeddings and embedding lookups are left out: a few percent at most."""
     cfg, lm, vit = model.cfg, model.lm, model.vision
     total, grad = 0, False      # grad: does a gradient have to flow back into the current layer's input?
 
@@ -321,24 +402,48 @@ def train_flops(model, batch):
         nonlocal total
         total += 2 * 2 * pairs * width * (1 + 2 * grad)
 
-    n_images = batch["pixel_values"].shape[0]
-    if n_images == 0 and model.vision_side_trains():
-        n_images = 1   # VLM.embed runs a blank image through a training vision side (its features count 0 times)
-    if n_images:
+    def patch_embedding(conv, n):   # the first layer: a gradient into its input (the pixels) is never needed
+        nonlocal total, grad
+        grad = conv.weight.requires_grad
+        total += 2 * conv.weight.numel() * n * (1 + grad)
+
+    # A batch without images runs a blank one through a training vision side (VLM.embed, Qwen25VL.embed): its
+    # features count 0 times, but it is computed.
+    blank = model.vision_side_trains()
+    image_tokens = 0
+    if "image_grid_thw" in batch:   # Qwen2.5-VL: each image at its own size
+        grid, v = batch["image_grid_thw"], cfg.vision
+        m = v.spatial_merge_size
+        if not len(grid) and blank:
+            grid = torch.tensor([[1, m, m]])   # the smallest image: one merged token
+        if len(grid):
+            patches = int(grid.prod(-1).sum())
+            patch_embedding(vit.patch_embed.proj, patches)
+            _, windows = window_order(grid, m, v.window_size // v.patch_size // m)   # merged tokens per window
+            pairs = {"window": int(((windows * m * m) ** 2).sum()),                    # per window, both ways
+                     "full": int((grid[:, 0] * (grid[:, 1] * grid[:, 2]) ** 2).sum())}   # per frame
+            for i, layer in enumerate(vit.layers):
+                linear(layer.attn.qkv, patches)
+                attention(pairs["full" if i in v.fullatt_block_indexes else "window"], v.hidden_size)
+                for lin in (layer.attn.proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                    linear(lin, patches)
+            image_tokens = patches // (m * m)
+    else:   # the SigLIP VLM: every image at one size
+        n_images = batch["pixel_values"].shape[0] or int(blank)
         patches = (cfg.image_size // cfg.vision.patch_size) ** 2
-        conv = vit.embeddings.patch_embedding
-        trains = conv.weight.requires_grad
-        total += 2 * conv.weight.numel() * n_images * patches * (1 + trains)
-        grad = trains
-        for layer in vit.layers:
-            a = layer.self_attn
-            for m in (a.q_proj, a.k_proj, a.v_proj):
-                linear(m, n_images * patches)
-            attention(n_images * patches ** 2, cfg.vision.hidden_size)
-            for m in (a.out_proj, layer.fc1, layer.fc2):
-                linear(m, n_images * patches)
-        linear(model.projector.fc1, n_images * cfg.image_tokens)
-        linear(model.projector.fc2, n_images * cfg.image_tokens)
+        if n_images:
+            patch_embedding(vit.embeddings.patch_embedding, n_images * patches)
+            for layer in vit.layers:
+                a = layer.self_attn
+                for lin in (a.q_proj, a.k_proj, a.v_proj):
+                    linear(lin, n_images * patches)
+                attention(n_images * patches ** 2, cfg.vision.hidden_size)
+                for lin in (a.out_proj, layer.fc1, layer.fc2):
+                    linear(lin, n_images * patches)
+            image_tokens = n_images * cfg.image_tokens
+    if image_tokens:
+        linear(model.projector.fc1, image_tokens)
+        linear(model.projector.fc2, image_tokens)
     grad = grad or lm.embed_tokens.weight.requires_grad
     lengths = sample_lengths(batch["attention_mask"])
     n_real, pairs = sum(lengths), sum(L * (L + 1) // 2 for L in lengths)
@@ -375,15 +480,25 @@ def save_vlm_checkpoint(out_dir, model, tok, opt, step, args, dist):
         files["args.json"] = json.dumps(run_record(args, dist), indent=2)
     if fsdp.is_sharded(model):
         extra = {"metrics_rows": tu.metrics_rows(out_dir) if dist.is_main else None}
-        fsdp.save(out_dir, model, opt, model.cfg.to_dict(), step, files, rng_states=rngs, extra=extra)
+        fsdp.save(out_dir, model, opt, model.cfg.to_dict(), step, files, rng_states=rngs, extra=extra,
+                  names=file_names(model))
         return
     if dist.is_main:
         extra = lora.save_extra(model)   # the adapters, taken before merged() swaps them out
         extra["metrics_rows"] = tu.metrics_rows(out_dir)   # what a resume keeps of metrics.jsonl (check_resume)
         with lora.merged(model):
+            names = file_names(model)
+            state = None if names is None else {names[k]: v.detach().cpu() for k, v in model.state_dict().items()}
             tu.save_checkpoint(out_dir, model, model.cfg.to_dict(), optimizer=opt, step=step, rng_states=rngs,
-                               extra=extra, files=files)
+                               extra=extra, files=files, state_dict=state)
     tu.barrier()
+
+
+def file_names(model):
+    """{parameter name: its name in model.safetensors}, or None where they are the same (the SigLIP VLM). A
+    Qwen2.5-VL checkpoint is in the official hub layout, LoRA merged: transformers (and vLLM) read a training run's
+    checkpoint as it is, and Qwen25VL.from_pretrained reads it back."""
+    return model.hf_key_map() if isinstance(model, Qwen25VL) else None
 
 
 def resume(out_dir, model, opt, dist):
@@ -392,8 +507,8 @@ def resume(out_dir, model, opt, dist):
     if fsdp.is_sharded(model):
         return fsdp.load(out_dir, model, opt, dist.rank)
     if lora.has_lora(model):   # model.safetensors holds merged weights; the adapters are in train_state.pt
-        return lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
-    return tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device)
+        return lora.load_checkpoint(out_dir, model, opt, dist.rank, dist.device, names=file_names(model))
+    return tu.load_checkpoint(out_dir, model, opt, dist.rank, dist.device, names=file_names(model))
 
 
 def run_record(args, dist):
@@ -528,7 +643,8 @@ def _check_args(args):
     """Flag values that cannot work, refused before anything is built (each used to fail deep inside, or not at
     all: --batch-size 0 as "max() arg is an empty sequence", --max-steps 0 as a run that silently did nothing)."""
     at_least_one = ("max_steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_every", "save_every",
-                    "eval_samples", "n_synthetic", "image_size", "patch_size", "numeric_hidden")
+                    "eval_samples", "n_synthetic", "image_size", "patch_size", "numeric_hidden", "min_pixels",
+                    "max_pixels")
     for key in at_least_one:
         value = getattr(args, key, None)
         if value is not None and value < 1:
@@ -556,15 +672,24 @@ def _check_args(args):
 def _check_init_from(args, given):
     """--init-from loads the model as it was trained: the flags that shape a new one (image size, patches,
     projector, numeric head) cannot change it. Given on the command line with another value than the checkpoint
-    has, they are refused, saying which and what it has; --lm/--vision (the backbones of a new model, which the
-    checkpoint does not record) get a warning that they are ignored."""
+    has, they are refused, saying which and what it has; --lm/--vision/--model (the backbones of a new model, which
+    the checkpoint does not record) get a warning that they are ignored. A Qwen2.5-VL model takes its images at
+    their own size: its --min-pixels/--max-pixels may change, the SigLIP VLM's image flags do not apply."""
     ckpt = tu.checkpoint_dir(args.init_from)
     cfg = tu.read_config(ckpt)
-    decided = {"image_size": cfg.get("image_size") or cfg["vision"]["image_size"],
-               "patch_size": cfg["vision"]["patch_size"], "slot_embedding": cfg["projector"].get("slot_embedding")}
-    if cfg.get("numeric"):   # a checkpoint without a head gets a new one (--numeric): these flags shape it
-        decided.update(numeric_hidden=cfg["numeric"]["hidden"], numeric_transform=cfg["numeric"]["transform"])
-    ignored = sorted(given & {"lm", "vision"})   # the backbones a new model would be built from
+    if cfg.get("model_type") == "qwen2_5_vl":   # its images come at their own size: --min/--max-pixels may change
+        siglip_only = sorted(given & {"image_size", "patch_size", "slot_embedding"})
+        if siglip_only:
+            raise ValueError(f"--init-from {ckpt} is a Qwen2.5-VL model: {', '.join(map(_name, siglip_only))} "
+                             "shape the SigLIP VLM (its images: --min-pixels/--max-pixels)")
+        decided, numeric = {}, cfg.get("nanovlm", {}).get("numeric")
+    else:
+        decided = {"image_size": cfg.get("image_size") or cfg["vision"]["image_size"],
+                   "patch_size": cfg["vision"]["patch_size"], "slot_embedding": cfg["projector"].get("slot_embedding")}
+        numeric = cfg.get("numeric")
+    if numeric:   # a checkpoint without a head gets a new one (--numeric): these flags shape it
+        decided.update(numeric_hidden=numeric["hidden"], numeric_transform=numeric["transform"])
+    ignored = sorted(given & {"lm", "vision", "model"})   # the backbones a new model would be built from
     if ignored and os.environ.get("RANK", "0") == "0":
         print(f"warning: --init-from {ckpt} holds the model: {', '.join(map(_name, ignored))} ignored", file=sys.stderr)
     clash = [f"{_name(k)} {getattr(args, k)!r} (it has {v!r})" for k, v in decided.items()

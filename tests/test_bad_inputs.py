@@ -24,9 +24,9 @@ from nanovlm import rewards
 from nanovlm import train_utils as tu
 from nanovlm import vlm_train as vt
 from nanovlm.cli import run_cli
-from nanovlm.data import VLMDataset, fit_lengths, load_data, load_dataset, load_image, parse_data_spec
+from nanovlm.data import VLMDataset, fit_lengths, load_data, load_dataset, load_images, parse_data_spec
 from nanovlm.qwen2 import Qwen2, Qwen2Config
-from nanovlm.siglip import preprocess_image
+from nanovlm.siglip import SiglipImages, preprocess_image
 from nanovlm.tokenizer import Tokenizer, train_tiny_tokenizer
 from nanovlm.vlm import VLM
 
@@ -144,9 +144,9 @@ def test_drop_long_dropping_everything_names_the_files(tmp_path, tok):
     samples = load_data(f"{a} {b}")
     with pytest.raises(ValueError, match=rf"no samples left in ({a}, {b}|{b}, {a}): all {len(samples)} are longer "
                                          r"than max_length=5 \(first .*\.jsonl:1 \(\d+ tokens\)"):
-        VLMDataset(samples, tok, 16, 4, max_length=5, drop_long=True)
+        VLMDataset(samples, tok, SiglipImages(16, 4), max_length=5, drop_long=True)
     with pytest.raises(ValueError, match="no samples: the dataset is empty"):
-        VLMDataset([], tok, 16, 4, max_length=100)
+        VLMDataset([], tok, SiglipImages(16, 4), max_length=100)
     # the GRPO prompts go through the same check
     with pytest.raises(ValueError, match=rf"no samples left in .*a\.jsonl.*longer than --max-length 5"):
         fit_lengths(load_data(a), [9, 9], 5, drop_long=True, limit="--max-length 5")
@@ -159,7 +159,7 @@ def test_summary_line_per_file(tmp_path, tok, capsys):
     samples = load_data(f"{a}:2 {b}:1", total=6, seed=0)   # a: 4 samples (2 records, each twice), b: 2 (1 record)
     lengths = tok.chat_lengths([s["messages"] for s in samples], 4, None)
     limit = sorted(set(lengths))[-2]   # the long record of a.jsonl does not fit, everything else does
-    ds = VLMDataset(samples, tok, 16, 4, max_length=limit, drop_long=True, system=None)
+    ds = VLMDataset(samples, tok, SiglipImages(16, 4), max_length=limit, drop_long=True, system=None)
     out = capsys.readouterr().out.splitlines()
     assert f"data {a}: 2 samples (2 records), 2 dropped: longer than max_length={limit}, first {a}:2 " \
            f"({max(lengths)} tokens)" in out
@@ -179,7 +179,7 @@ def test_chat_control_tokens_in_data_are_refused(tmp_path, tok, role, text):
     k = 0 if role == "user" else 1
     with pytest.raises(ValueError, match=rf"inject\.jsonl:1: turn {k} \({role}\) contains '<\|[a-z_]+\|>', a control "
                                          "token of the chat template"):
-        VLMDataset(load_data(path), tok, 16, 4, max_length=200)
+        VLMDataset(load_data(path), tok, SiglipImages(16, 4), max_length=200)
     with pytest.raises(ValueError, match=rf"^chat: turn {k} \({role}\) contains"):   # and the tokenizer itself
         tok.encode_chat(load_data(path)[0]["messages"], 4)
     with pytest.raises(ValueError, match=r"^system prompt contains"):
@@ -205,13 +205,13 @@ def test_number_overflowing_to_inf(tmp_path, tok, numeric):
     path = write(tmp_path / "nums.jsonl", chat("user", "How much?", "assistant", "<num><1.5>") + "\n"
                  + chat("user", "How much?", "assistant", "<num><1e400>") + "\n")
     with pytest.raises(ValueError, match=r"nums\.jsonl:2: number '1e400' at character 0 is too large for a float"):
-        VLMDataset(load_data(path), tok, 16, 4, max_length=200, numeric=numeric)
+        VLMDataset(load_data(path), tok, SiglipImages(16, 4), max_length=200, numeric=numeric)
 
 
 def test_hand_built_samples_get_the_role_check(tok):
     s = [{"images": [], "where": "mine:7", "messages": [{"role": "user", "content": "hi"}]}]
     with pytest.raises(ValueError, match=r"mine:7: the conversation ends on a user turn"):
-        VLMDataset(s, tok, 16, 4, max_length=100)
+        VLMDataset(s, tok, SiglipImages(16, 4), max_length=100)
 
 
 # ---- images ---------------------------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_high_bit_depth_images_scale_like_their_8bit_version(tmp_path, kind):
                   "tiff_int32": (arr8.astype(np.int32) * 257, "i.tif")}[kind]
     Image.fromarray(high).save(tmp_path / name)
     assert Image.open(tmp_path / name).mode == {"png16": "I;16", "tiff_float": "F", "tiff_int32": "I"}[kind]
-    got = load_image(str(tmp_path / name), 8, "d.jsonl:1")
+    got = load_images([str(tmp_path / name)], SiglipImages(8, 1), "d.jsonl:1")["pixel_values"][0]
     torch.testing.assert_close(got, pixels_8bit(arr8), atol=0, rtol=0)
     assert 0.2 < float((got + 1).mean() / 2) < 0.8   # neither all white nor all black
 
@@ -245,7 +245,7 @@ def test_high_bit_depth_images_scale_like_their_8bit_version(tmp_path, kind):
 def test_high_bit_depth_images_out_of_range_are_refused(tmp_path, array, match):
     Image.fromarray(array).save(tmp_path / "odd.tif")
     with pytest.raises(ValueError, match=rf"d\.jsonl:4: cannot read image .*odd\.tif: {match}"):
-        load_image(str(tmp_path / "odd.tif"), 8, "d.jsonl:4")
+        load_images([str(tmp_path / "odd.tif")], SiglipImages(8, 1), "d.jsonl:4")
 
 
 def test_unsupported_image_mode_refused_at_load(tmp_path):
@@ -382,7 +382,7 @@ def test_every_accepted_sample_trains_something(tmp_path, tok):
     """Why the role check closes the val-loss-0.0 hole: a conversation ending on an assistant turn trains at least
     that turn's <|im_end|>, even when the answer is empty."""
     path = write(tmp_path / "ok.jsonl", chat("user", "Describe the image.", "assistant", "") + "\n")
-    item = VLMDataset(load_data(path), tok, 16, 4, max_length=100)[0]
+    item = VLMDataset(load_data(path), tok, SiglipImages(16, 4), max_length=100)[0]
     assert [t for t in item["labels"].tolist() if t != -100] == [tok.im_end]
 
 

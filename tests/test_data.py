@@ -13,6 +13,7 @@ from PIL import Image
 
 from nanovlm import synthetic
 from nanovlm.data import VLMDataset, collate, load_data, load_dataset, pack, parse_data_spec
+from nanovlm.siglip import SiglipImages
 from nanovlm.tokenizer import train_tiny_tokenizer
 
 
@@ -132,7 +133,7 @@ def test_corrupt_image_named_at_load_or_getitem(tmp_path, tok):
     png(tmp_path / "bad.png")   # now a truncated one
     data = (tmp_path / "bad.png").read_bytes()
     (tmp_path / "bad.png").write_bytes(data[:len(data) // 2])
-    ds = VLMDataset(load_dataset(f), tok, image_size=32, image_tokens=4, max_length=100)
+    ds = VLMDataset(load_dataset(f), tok, images=SiglipImages(32, 4), max_length=100)
     with pytest.raises(ValueError, match=rf"c.jsonl:1: cannot read image .*bad.png"):
         ds[0]
 
@@ -140,7 +141,7 @@ def test_corrupt_image_named_at_load_or_getitem(tmp_path, tok):
 def test_getitem_tokens_and_pixels(tmp_path, tok):
     arr = png(tmp_path / "o.png", size=32)
     f = write(tmp_path / "o.jsonl", '{"query": "What is written?", "response": "KQX", "image_path": "o.png"}\n')
-    item = VLMDataset(load_dataset(f), tok, image_size=32, image_tokens=3, max_length=100, system=None)[0]
+    item = VLMDataset(load_dataset(f), tok, images=SiglipImages(32, 3), max_length=100, system=None)[0]
     text = ("<|im_start|>user\n<|vision_start|><|image_pad|><|image_pad|><|image_pad|><|vision_end|>\n"
             "What is written?<|im_end|>\n<|im_start|>assistant\nKQX<|im_end|>\n")
     assert item["input_ids"].tolist() == tok.tok.encode(text).ids
@@ -148,8 +149,8 @@ def test_getitem_tokens_and_pixels(tmp_path, tok):
     trained = [t for t in item["labels"].tolist() if t != -100]
     assert trained == answer and item["labels"][-1] == -100
     want = torch.from_numpy(arr.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)   # same size: no resize
-    assert item["pixel_values"].shape == (1, 3, 32, 32)
-    torch.testing.assert_close(item["pixel_values"][0], want, atol=1e-6, rtol=0)
+    assert item["images"]["pixel_values"].shape == (1, 3, 32, 32)
+    torch.testing.assert_close(item["images"]["pixel_values"][0], want, atol=1e-6, rtol=0)
     assert item["where"] == f"{f}:1"
 
 
@@ -168,21 +169,21 @@ def test_long_samples_error_and_drop(tmp_path, tok, capsys):
     max_length = len(tok.tok.encode(short_text).ids)   # the first sample fits exactly
     want = rf"1 sample\(s\) longer than max_length={max_length}: {re.escape(f)}:2 \({n_long} tokens\)"
     with pytest.raises(ValueError, match=want):
-        VLMDataset(s, tok, image_size=16, image_tokens=8, max_length=max_length, system=None)
-    ds = VLMDataset(s, tok, image_size=16, image_tokens=8, max_length=max_length, drop_long=True, system=None)
+        VLMDataset(s, tok, images=SiglipImages(16, 8), max_length=max_length, system=None)
+    ds = VLMDataset(s, tok, images=SiglipImages(16, 8), max_length=max_length, drop_long=True, system=None)
     assert ds.n_dropped == 1 and len(ds) == 2 and [ds[i]["where"] for i in range(2)] == [f"{f}:1", f"{f}:3"]
     assert (f"data {f}: 2 samples (3 records), 1 dropped: longer than max_length={max_length}, first {f}:2 "
             f"({n_long} tokens)") in capsys.readouterr().out
-    assert ds[1]["pixel_values"].shape == (0, 3, 16, 16)
+    assert ds[1]["images"]["pixel_values"].shape == (0, 3, 16, 16)
 
 
 def test_collate_padding():
     img = torch.randn(2, 3, 8, 8)
-    batch = [dict(input_ids=torch.tensor([5, 6, 7]), labels=torch.tensor([-100, 6, 7]), pixel_values=img[:1],
+    batch = [dict(input_ids=torch.tensor([5, 6, 7]), labels=torch.tensor([-100, 6, 7]), images={"pixel_values": img[:1]},
                   where="a:1"),
              dict(input_ids=torch.tensor([1, 2, 3, 4, 5]), labels=torch.tensor([-100, -100, 3, 4, 5]),
-                  pixel_values=torch.zeros(0, 3, 8, 8), where="b:2"),
-             dict(input_ids=torch.tensor([9]), labels=torch.tensor([9]), pixel_values=img[1:], where="c:3")]
+                  images={"pixel_values": torch.zeros(0, 3, 8, 8)}, where="b:2"),
+             dict(input_ids=torch.tensor([9]), labels=torch.tensor([9]), images={"pixel_values": img[1:]}, where="c:3")]
     out = collate(batch, pad_id=0)
     assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0], [1, 2, 3, 4, 5], [9, 0, 0, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7, -100, -100], [-100, -100, 3, 4, 5], [9, -100, -100, -100, -100]]
@@ -199,13 +200,13 @@ def test_pack_rows_by_hand():
     the order in which the VLM fills image-pad slots and <num> tokens."""
     img = torch.randn(3, 3, 8, 8)
     none = torch.zeros(0, 3, 8, 8)
-    batch = [dict(input_ids=torch.arange(1, 6), labels=torch.tensor([-100, -100, 3, 4, 5]), pixel_values=img[:1],
+    batch = [dict(input_ids=torch.arange(1, 6), labels=torch.tensor([-100, -100, 3, 4, 5]), images={"pixel_values": img[:1]},
                   where="a", num_values=torch.tensor([1.0, 2.0])),
-             dict(input_ids=torch.arange(11, 15), labels=torch.tensor([-100, -100, -100, 14]), pixel_values=img[1:2],
+             dict(input_ids=torch.arange(11, 15), labels=torch.tensor([-100, -100, -100, 14]), images={"pixel_values": img[1:2]},
                   where="b", num_values=torch.tensor([3.0])),
-             dict(input_ids=torch.arange(21, 24), labels=torch.tensor([-100, 22, 23]), pixel_values=img[2:],
+             dict(input_ids=torch.arange(21, 24), labels=torch.tensor([-100, 22, 23]), images={"pixel_values": img[2:]},
                   where="c", num_values=torch.tensor([4.0])),
-             dict(input_ids=torch.arange(31, 33), labels=torch.tensor([31, 32]), pixel_values=none, where="d",
+             dict(input_ids=torch.arange(31, 33), labels=torch.tensor([31, 32]), images={"pixel_values": none}, where="d",
                   num_values=torch.zeros(0))]
     out = pack(batch, pad_id=0, max_length=8)
     assert out["input_ids"].tolist() == [[1, 2, 3, 4, 5, 21, 22, 23], [11, 12, 13, 14, 31, 32, 0, 0]]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from nanovlm.data import VLMDataset, collate, load_dataset
 from nanovlm.numeric import NumericConfig, NumericVLM, format_numbers, format_value, parse_numbers, strip_numbers, symexp, symlog
+from nanovlm.siglip import SiglipImages
 from nanovlm.vlm import VLM, VLMConfig
 
 IMG, NUM, STOP = 5, 7, 3
@@ -216,18 +217,18 @@ def test_dataset_parses_numbers_in_every_turn():
         {"role": "user", "content": "x is <num><2.5>, y?"}, {"role": "assistant", "content": "<num><-1e3>元"}]},
         {"images": [], "where": "d.json:2", "messages": [{"role": "user", "content": "hi"},
                                                           {"role": "assistant", "content": "<num><7>"}]}]
-    ds = VLMDataset(s, FakeTok(), 8, 4, 100, system=None, numeric=True)
+    ds = VLMDataset(s, FakeTok(), SiglipImages(8, 4), 100, system=None, numeric=True)
     assert ds[0]["num_values"].tolist() == [2.5, -1000.0] and ds[0]["input_ids"].tolist().count(99) == 2
     b = collate([ds[0], ds[1]], pad_id=0)
     assert b["num_values"].tolist() == [2.5, -1000.0, 7.0]
-    digits = VLMDataset(s, FakeTok(), 8, 4, 100, system=None, numeric=False)   # no head: plain digits
+    digits = VLMDataset(s, FakeTok(), SiglipImages(8, 4), 100, system=None, numeric=False)   # no head: plain digits
     assert "num_values" not in digits[0] and 99 not in digits[0]["input_ids"].tolist()
     assert "".join(map(chr, digits[0]["input_ids"].tolist())) == "x is 2.5, y?-1e3元"
     bad = [{"images": [], "where": "d.json:7", "messages": [{"role": "user", "content": "?"},
                                                             {"role": "assistant", "content": "<num><abc>"}]}]
     for numeric in (True, False):
         with pytest.raises(ValueError, match=r"d\.json:7: malformed number"):
-            VLMDataset(bad, FakeTok(), 8, 4, 100, system=None, numeric=numeric)
+            VLMDataset(bad, FakeTok(), SiglipImages(8, 4), 100, system=None, numeric=numeric)
 
 
 def test_synthetic_charts(tmp_path):

@@ -213,7 +213,7 @@ def test_bf16_close_to_transformers(tied):
     path, _ = tied
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager")
     ours = Qwen25VL.from_pretrained(path, dtype=torch.bfloat16)
-    assert ours.vision.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert ours.vision.layers[0].attn.qkv.weight.dtype == torch.bfloat16
     pv, grid, rows = mixed_batch(ours)
     ids, mask = batch(rows)
     with torch.no_grad():
@@ -267,7 +267,7 @@ def test_greedy_generation_equals_transformers(tied):
         theirs = ref.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid,
                               mm_token_type_ids=(ids == IMG).int(), max_new_tokens=12, do_sample=False,
                               eos_token_id=1, pad_token_id=PAD, suppress_tokens=[IMG])
-    mine = ours.generate(rows, pv, grid, max_new_tokens=12)
+    mine = ours.generate(rows, pv, image_grid_thw=grid, max_new_tokens=12)
     for b, row in enumerate(theirs[:, ids.shape[1]:].tolist()):
         expected = row[:row.index(1)] if 1 in row else row
         assert mine[b] == expected

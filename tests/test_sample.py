@@ -34,10 +34,11 @@ def test_prompt_about_an_image_streams_the_greedy_answer(tmp_path, capsys):
     sample.main(["--ckpt", str(tmp_path / "ckpt"), "--image", str(image), "--prompt", "What colour is the circle?",
                  "--max-new-tokens", "6", "--device", "cpu"])
     printed = capsys.readouterr().out
-    from nanovlm.data import load_image
+    from nanovlm.data import load_images
+    from nanovlm.siglip import SiglipImages
     ids, _ = tok.encode_chat([{"role": "user", "content": "<image>\nWhat colour is the circle?"}], 4,
                              add_generation_prompt=True, system=None)
-    tokens = greedy_by_full_forward(model, ids, load_image(image, 32, "x")[None], 6)
+    tokens = greedy_by_full_forward(model, ids, load_images([image], SiglipImages(32, 4), "x")["pixel_values"], 6)
     assert len(tokens) == 6 and printed == tok.decode(tokens, skip_special_tokens=True) + "\n"
 
 
@@ -115,7 +116,8 @@ def test_eval_num_samples_needs_a_temperature(tmp_path):
 def test_eval_honours_max_new_tokens_and_writes_predictions(tmp_path):
     """--eval --max-new-tokens 3 --out FILE: one JSON line per sample whose prediction is the 3-token greedy answer
     (the tiny model never stops early: its stop tokens have logit 0), scored against the reference."""
-    from nanovlm.data import load_image
+    from nanovlm.data import load_images
+    from nanovlm.siglip import SiglipImages
     model, tok = make_ckpt(tmp_path / "ckpt")
     samples = eval_rows(tmp_path)
     sample.main(["--ckpt", str(tmp_path / "ckpt"), "--eval", str(tmp_path / "val.json"), "--max-new-tokens", "3",
@@ -124,7 +126,7 @@ def test_eval_honours_max_new_tokens_and_writes_predictions(tmp_path):
     assert [r["where"] for r in rows] == [s["where"] for s in samples]
     for r, s in zip(rows, samples):
         ids, _ = tok.encode_chat(s["messages"][:-1], 4, add_generation_prompt=True, system=None)
-        pixels = load_image(s["images"][0], 32, "x")[None] if s["images"] else None
+        pixels = load_images(s["images"], SiglipImages(32, 4), "x")["pixel_values"] if s["images"] else None
         tokens = greedy_by_full_forward(model, ids, pixels, 3)
         assert len(tokens) == 3 and r["prediction"] == tok.decode(tokens, skip_special_tokens=True).strip()
         assert r["reference"] == s["messages"][-1]["content"] and r["exact"] == float(r["prediction"] == r["reference"])

@@ -35,11 +35,17 @@ def prompts_and_pixels(model):
     return prompts, pixel_values, [1, 1, 0]
 
 
+def per_prompt(pix, n_img):
+    """The images as rollout takes them: one dict of inputs per prompt."""
+    blocks = pix.split(n_img)
+    return [{"pixel_values": blk} for blk in blocks]
+
+
 def test_rollout_logps_and_masks_match_hand_computation():
     model = biased(tiny_vlm())
     prompts, pix, n_img = prompts_and_pixels(model)
     G, T, max_new = 4, 0.7, 5
-    batch = grpo.rollout(model, prompts, pix, n_img, G, max_new, T, generator=torch.Generator().manual_seed(0))
+    batch = grpo.rollout(model, prompts, per_prompt(pix, n_img), G, max_new, T, generator=torch.Generator().manual_seed(0))
     # The same sampling through plain generate (both stop tokens stop it, neither is returned).
     rows = [p for p in prompts for _ in range(G)]
     rep_pix = torch.cat([pix[0:1]] * G + [pix[1:2]] * G)
@@ -60,7 +66,7 @@ def test_rollout_logps_and_masks_match_hand_computation():
     assert kinds == {62, 61, "cut"}, kinds                         # every case was exercised
 
     logps = grpo.completion_logps(model, batch, T)
-    shared = grpo.shared_prompt_logps(model, dict(batch, prompts=prompts, prompt_pixel_values=pix), T)
+    shared = grpo.shared_prompt_logps(model, dict(batch, prompts=prompts, prompt_images=per_prompt(pix, n_img)), T)
     for b, (p, comp) in enumerate(zip(rows, batch["completions"])):
         k = b // G
         img = pix[k:k + 1] if n_img[k] else None
@@ -78,9 +84,9 @@ def test_shared_prompt_gradients_equal_one_row_per_completion():
     model = biased(tiny_vlm())
     prompts, pix, n_img = prompts_and_pixels(model)
     G, T = 3, 0.9
-    batch = grpo.rollout(model, prompts, pix, n_img, G, 4, T, generator=torch.Generator().manual_seed(1))
+    batch = grpo.rollout(model, prompts, per_prompt(pix, n_img), G, 4, T, generator=torch.Generator().manual_seed(1))
     weights = torch.randn(batch["completion_ids"].shape, generator=torch.Generator().manual_seed(2))
-    shared = grpo.shared_prompt_logps(model, dict(batch, prompts=prompts, prompt_pixel_values=pix), T)
+    shared = grpo.shared_prompt_logps(model, dict(batch, prompts=prompts, prompt_images=per_prompt(pix, n_img)), T)
     (shared * weights * batch["completion_mask"]).sum().backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -101,7 +107,7 @@ def test_rollout_refuses_greedy():
     model = tiny_vlm()
     prompts, pix, n_img = prompts_and_pixels(model)
     with pytest.raises(ValueError, match="temperature"):
-        grpo.rollout(model, prompts, pix, n_img, 2, 4, 0.0)
+        grpo.rollout(model, prompts, per_prompt(pix, n_img), 2, 4, 0.0)
 
 
 def test_split_turns_and_prompt_suffix():
@@ -131,10 +137,10 @@ def test_keep_groups_drops_flat_groups_and_keeps_the_rest_as_they_were():
     prompts, pix, n_img = prompts_and_pixels(model)
     G, batches = 2, []
     for seed, r in ((0, [1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), (1, [0.0, 0.0, 0.2, 0.7, 1.0, 0.0])):
-        b = grpo.rollout(model, prompts, pix, n_img, G, 4, 1.0, generator=torch.Generator().manual_seed(seed))
+        b = grpo.rollout(model, prompts, per_prompt(pix, n_img), G, 4, 1.0, generator=torch.Generator().manual_seed(seed))
         b.update(rewards=torch.tensor(r), advantages=grpo.group_advantages(torch.tensor(r), G), texts=list("abcdef"),
-                 per_function={"exact": r}, prompts=prompts, prompt_pixels=[pix[0:1], pix[1:2], None],
-                 n_images=n_img, solutions=["s0", "s1", "s2"], questions=["q0", "q1", "q2"],
+                 per_function={"exact": r}, prompts=prompts, prompt_images=per_prompt(pix, n_img),
+                 solutions=["s0", "s1", "s2"], questions=["q0", "q1", "q2"],
                  where=["w0", "w1", "w2"])
         batches.append(b)
     kept = train_grpo.keep_groups(batches, G, limit=2, pad_id=model.cfg.pad_token_id)
@@ -143,7 +149,8 @@ def test_keep_groups_drops_flat_groups_and_keeps_the_rest_as_they_were():
     assert kept["rewards"].tolist() == pytest.approx([0.0, 1.0, 0.2, 0.7])
     assert kept["where"] == ["w1", "w1"]
     assert kept["questions"] == ["q1", "q1"] and kept["texts"] == ["c", "d", "c", "d"]
-    assert torch.equal(kept["prompt_pixel_values"], torch.cat([pix[1:2], pix[1:2]]))
+    assert [torch.equal(x["pixel_values"], pix[1:2]) for x in kept["prompt_images"]] == [True, True]
+    assert torch.equal(kept["images"]["pixel_values"], torch.cat([pix[1:2]] * 2 * G))
     for i, (k, r) in enumerate(rows):
         b = batches[k]
         n = int(b["attention_mask"][r].sum())

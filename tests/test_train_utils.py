@@ -218,6 +218,49 @@ def test_train_flops_by_hand():
     assert train_flops(model, text) == lm_linear + lattn + head
 
 
+def test_train_flops_qwen_vl_by_hand():
+    """train_flops on a tiny Qwen2.5-VL against a hand count: one 84x56 image (6x4 patches of 14, 3x2 LM tokens
+    after the 2x2 merge) in a sample of 10 tokens, 2 labelled positions. Windows of 56 pixels = 2x2 LM tokens =
+    4x4 patches: the image's 3 token rows split 2 + 1, so its windows hold 16 and 8 patches; block 0 attends in
+    windows, block 1 (full attention) over the whole image's 24 patches."""
+    from nanovlm.qwen2 import Qwen2Config
+    from nanovlm.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, VisionConfig
+    from nanovlm.vlm_train import train_flops
+    cfg = Qwen25VLConfig(lm=Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),
+                         vision=VisionConfig(depth=2, hidden_size=8, intermediate_size=12, num_heads=2,
+                                             out_hidden_size=16, window_size=56, fullatt_block_indexes=(1,)),
+                         mrope_section=(2, 1, 1), image_token_id=5)
+    model = Qwen25VL(cfg)
+    labels = torch.full((1, 10), -100)
+    labels[0, 8], labels[0, 9] = 4, 4
+    batch = dict(attention_mask=torch.ones(1, 10, dtype=torch.long), labels=labels,
+                 pixel_values=torch.zeros(24, 1176), image_grid_thw=torch.tensor([[1, 6, 4]]))
+    # Forward FLOPs, 2 per multiply-add. Vision, 24 patches: the patch embedding 1176 -> 8; per block qkv 8x24,
+    # proj 8x8, gate/up/down 8x12; attention (16^2 + 8^2) window pairs in block 0, 24^2 pairs in block 1, x 8
+    # channels x 2 products. Merger, 6 tokens: fc1 32x32, fc2 32x16. LM, 10 tokens: q 16x16, k/v 16x8, o 16x16,
+    # gate/up/down 16x32; 55 causal pairs x 16 channels x 2 products; the tied head 16x32 at 2 positions.
+    conv = 2 * 1176 * 8 * 24
+    vision_linear = 2 * 2 * (8 * 24 + 8 * 8 + 3 * 8 * 12) * 24
+    window_attn, full_attn = 2 * 2 * (16 ** 2 + 8 ** 2) * 8, 2 * 2 * 24 ** 2 * 8
+    fc1, fc2 = 2 * 32 * 32 * 6, 2 * 32 * 16 * 6
+    lm_linear = 2 * (16 * 16 + 2 * 16 * 8 + 16 * 16 + 3 * 16 * 32) * 10
+    lattn, head = 2 * 2 * 55 * 16, 2 * 16 * 32 * 2
+    assert train_flops(model, batch) == (2 * conv + 3 * vision_linear + 3 * (window_attn + full_attn)
+                                         + 3 * (fc1 + fc2) + 3 * (lm_linear + lattn + head))
+    # The ViT frozen (--lr-vision 0): the tower runs forward only, the merger's fc1 passes no gradient back.
+    model.vision.requires_grad_(False)
+    assert train_flops(model, batch) == (conv + vision_linear + window_attn + full_attn + 2 * fc1 + 3 * fc2
+                                         + 3 * (lm_linear + lattn + head))
+    # A text-only batch: the training merger sees a blank image of 2x2 patches (Qwen25VL.embed), one window.
+    text = dict(batch, pixel_values=torch.zeros(0, 1176), image_grid_thw=torch.zeros(0, 3, dtype=torch.long))
+    blank = 4 / 24
+    assert train_flops(model, text) == (conv * blank + vision_linear * blank + 2 * (2 * 2 * 4 ** 2 * 8)
+                                        + (2 * fc1 + 3 * fc2) / 6 + 3 * (lm_linear + lattn + head))
+    model.projector.requires_grad_(False)
+    assert train_flops(model, text) == 3 * (lm_linear + lattn + head)
+
+
 class FakeWandb:
     """Records what a wandb run is given (the real package may be absent, and is never needed for this)."""
 

@@ -98,7 +98,7 @@ def test_packed_batch_loss_and_gradients_equal_each_sample_alone():
         ids = torch.tensor(s)
         labels = torch.full_like(ids, -100)
         labels[f:] = ids[f:]
-        items.append(dict(input_ids=ids, labels=labels, pixel_values=img, where="x"))
+        items.append(dict(input_ids=ids, labels=labels, images={"pixel_values": img}, where="x"))
     b = pack(items, pad_id=0, max_length=12)
     assert b["input_ids"].shape == (2, 11) and b["attention_mask"].max() == 2   # 9 | 7 + 4 share a row
     out = m(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
@@ -106,7 +106,7 @@ def test_packed_batch_loss_and_gradients_equal_each_sample_alone():
     got = torch.autograd.grad(out["loss"], params, allow_unused=True)
     total, n = 0.0, 0
     for it in items:
-        o = m(it["input_ids"][None], it["pixel_values"], labels=it["labels"][None])
+        o = m(it["input_ids"][None], it["images"]["pixel_values"], labels=it["labels"][None])
         total, n = total + o["loss"] * o["n_tokens"], n + o["n_tokens"]
     assert int(out["n_tokens"]) == n and torch.allclose(out["loss"], total / n, atol=1e-6)
     want = torch.autograd.grad(total / n, params, allow_unused=True)
