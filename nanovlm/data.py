@@ -60,7 +60,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from nanovlm.attention import Packing
-from nanovlm.numeric import parse_numbers, split_numbers
+from nanovlm.numeric import split_numbers
 from nanovlm.siglip import IMAGE_MODES
 from nanovlm.tokenizer import DEFAULT_SYSTEM, IMAGE_TAG
 

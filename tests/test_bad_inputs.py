@@ -24,7 +24,7 @@ from nanovlm import rewards
 from nanovlm import train_utils as tu
 from nanovlm import vlm_train as vt
 from nanovlm.cli import run_cli
-from nanovlm.data import VLMDataset, fit_lengths, load_data, load_dataset, load_images, parse_data_spec
+from nanovlm.data import VLMDataset, fit_lengths, load_data, load_images, parse_data_spec
 from nanovlm.qwen2 import Qwen2, Qwen2Config
 from nanovlm.siglip import SiglipImages, preprocess_image
 from nanovlm.tokenizer import Tokenizer, train_tiny_tokenizer
@@ -148,7 +148,7 @@ def test_drop_long_dropping_everything_names_the_files(tmp_path, tok):
     with pytest.raises(ValueError, match="no samples: the dataset is empty"):
         VLMDataset([], tok, SiglipImages(16, 4), max_length=100)
     # the GRPO prompts go through the same check
-    with pytest.raises(ValueError, match=rf"no samples left in .*a\.jsonl.*longer than --max-length 5"):
+    with pytest.raises(ValueError, match=r"no samples left in .*a\.jsonl.*longer than --max-length 5"):
         fit_lengths(load_data(a), [9, 9], 5, drop_long=True, limit="--max-length 5")
 
 

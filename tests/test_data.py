@@ -128,13 +128,13 @@ def test_corrupt_image_named_at_load_or_getitem(tmp_path, tok):
     valid header only when a batch decodes it. Both errors name the sample and the file."""
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     f = write(tmp_path / "c.jsonl", '{"query": "q", "response": "r", "image_path": "bad.png"}\n')
-    with pytest.raises(ValueError, match=rf"c.jsonl:1: cannot read image .*bad.png"):
+    with pytest.raises(ValueError, match=r"c.jsonl:1: cannot read image .*bad.png"):
         load_dataset(f)
     png(tmp_path / "bad.png")   # now a truncated one
     data = (tmp_path / "bad.png").read_bytes()
     (tmp_path / "bad.png").write_bytes(data[:len(data) // 2])
     ds = VLMDataset(load_dataset(f), tok, images=SiglipImages(32, 4), max_length=100)
-    with pytest.raises(ValueError, match=rf"c.jsonl:1: cannot read image .*bad.png"):
+    with pytest.raises(ValueError, match=r"c.jsonl:1: cannot read image .*bad.png"):
         ds[0]
 
 
