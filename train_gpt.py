@@ -29,6 +29,7 @@ from tqdm import tqdm
 from nanovlm import codebook
 from nanovlm import train_utils as tu
 from nanovlm.cli import run_cli
+from nanovlm.flops import flops_per_token, mfu
 from nanovlm.gpt import GPT, GPTConfig
 
 
@@ -200,7 +201,7 @@ def main(argv=None):
 
     logger = tu.MetricsLogger(out_dir, dist.is_main, resume_step=start_step if args.resume else None)
     n_params = raw.num_params()
-    fpt = tu.flops_per_token(n_params, config.n_layer, block_size, config.n_embd)
+    fpt = flops_per_token(n_params, config.n_layer, block_size, config.n_embd)
     if dist.is_main:
         print(f"{n_params:,} parameters | vocab {len(vocab)} | train {len(train)} val {len(val)} | "
               f"batch {args.batch_size} = {micro} x {accum} accum x {dist.world_size} procs | device {device}")
@@ -236,7 +237,7 @@ def main(argv=None):
         done = step + 1
         if done % args.log_every == 0 or done == args.max_steps:
             tok_s = tokens_since / (time.time() - t_log)
-            util = tu.mfu(tok_s * fpt, device)
+            util = mfu(tok_s * fpt, device)
             logger.log(done, loss=loss_acc, lr=lr, grad_norm=float(gnorm), tok_per_s=tok_s,
                        **({"mfu": util} if util is not None else {}))
             bar.set_postfix(loss=f"{loss_acc:.3f}", lr=f"{lr:.1e}")

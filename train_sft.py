@@ -34,6 +34,7 @@ from nanovlm import vlm_train as vt
 from nanovlm.cli import run_cli
 from nanovlm.data import load_data
 from nanovlm.evaluate import evaluate_answers, format_report
+from nanovlm.flops import mfu, train_flops
 
 
 def train(args):
@@ -95,7 +96,7 @@ def train(args):
         loss, parts = 0.0, {}
         for micro, b in enumerate(micro_batches):
             tokens += int((b["attention_mask"] > 0).sum())   # counted on the CPU tensors: no device sync
-            flops += vt.train_flops(raw, b)
+            flops += train_flops(raw, b)
             with tu.sync_context(model, micro == args.grad_accum - 1), ctx:
                 out = model(**vt.to_device(b, dist.device), **norm)
             scaler.scale(out["loss"]).backward()
@@ -118,10 +119,10 @@ def train(args):
             loss = tu.check_losses(losses, step, dist, samples)   # the losses since the last log, mean over processes
             dt = time.time() - t0
             tok_s = tokens * dist.world_size / max(dt, 1e-9)
-            mfu = tu.mfu(flops / max(dt, 1e-9), dist.device)   # this process's FLOP/s over its device's peak
+            util = mfu(flops / max(dt, 1e-9), dist.device)   # this process's FLOP/s over its device's peak
             log.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
-                    **({"mfu": mfu} if mfu is not None else {}), **{k: float(v) for k, v in parts.items()})
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
+                    **({"mfu": util} if util is not None else {}), **{k: float(v) for k, v in parts.items()})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", **({"mfu": f"{util:.1%}"} if util else {}))
             t0, tokens, flops, losses, samples = time.time(), 0, 0, [], []
         if val_set is not None and ((step + 1) % args.eval_every == 0 or last):
             val = vt.evaluate_loss(model, val_set, args, dist, tok.endoftext, ctx)

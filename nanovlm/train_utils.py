@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -649,44 +648,3 @@ def _wandb_run(project, out_dir, config, resume):
     id_file.write_text(run_id)
     return wandb.init(project=project, id=run_id, resume="allow", dir=str(out_dir), config=config,
                       name=out_dir.name)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Throughput
-
-# Dense bf16 peak FLOP/s (no sparsity, FP32 accumulate), from the vendors' datasheets. Matched against the device
-# name in this order, so the more specific names come first ("H100 PCIe" before "H100", "L40S" before "L40" before
-# "L4"). A name matching none of them gives no MFU rather than a wrong one.
-PEAK_BF16_FLOPS = [("H200 NVL", 835e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
-                   ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
-                   ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
-
-
-def peak_flops(device):
-    """Peak bf16 FLOP/s of a CUDA device, or None (CPU, unknown GPU)."""
-    if not str(device).startswith("cuda"):
-        return None
-    return peak_flops_of(torch.cuda.get_device_name(torch.device(device)))
-
-
-def peak_flops_of(name):
-    """The peak for a device name (torch.cuda.get_device_name), or None when the table does not know it."""
-    for pattern, flops in PEAK_BF16_FLOPS:
-        if re.search(rf"\b{re.escape(pattern)}\b", name):
-            return flops
-    return None
-
-
-def flops_per_token(n_params, n_layers, seq_len, d_model):
-    """nanoGPT's estimate of training FLOPs per token for a decoder whose every weight trains on every token:
-    6N for the matmuls (2 forward + 4 backward per weight) plus 12 * L * T * d for attention scores and weighted
-    sums at sequence length T (PaLM appendix B; the full T x T, as nanoGPT's estimate_mfu). train_gpt.py uses
-    it (fixed-length sequences); the VLM counts what runs instead (vlm_train.train_flops)."""
-    return 6 * n_params + 12 * n_layers * seq_len * d_model
-
-
-def mfu(flops_per_s, device):
-    """Model FLOPs utilisation in [0, 1]: achieved FLOP/s (counted as in vlm_train.train_flops) over the device's
-    peak, or None where no peak is known (CPU)."""
-    peak = peak_flops(device)
-    return None if peak is None else flops_per_s / peak

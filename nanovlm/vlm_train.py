@@ -27,8 +27,8 @@ chose it): docs/experiments.md.
 The two model families (the SigLIP VLM, vlm.py, and Qwen2.5-VL, qwen2_5_vl.py) train through the same loop: the
 model's image_processor() turns images into its inputs (data.py), and the models take the same calls (forward,
 loss_counts, states, generate). Where they differ here: build_model (which model), file_names (a Qwen2.5-VL
-checkpoint is in the official hub layout, so transformers and vLLM read it as it is) and train_flops (what each
-vision tower computes).
+checkpoint is in the official hub layout, so transformers and vLLM read it as it is); flops.train_flops counts
+what each vision tower computes.
 """
 
 import argparse
@@ -49,7 +49,6 @@ from nanovlm.numeric import NumericConfig, NumericQwen25VL, NumericVLM, WithNume
 from nanovlm.projector import ProjectorConfig
 from nanovlm.qwen2 import Qwen2Config
 from nanovlm.qwen2_5_vl import MAX_PIXELS, MIN_PIXELS, QWEN_VL_SYSTEM, Qwen25VL, Qwen25VLConfig, VisionConfig
-from nanovlm.qwen2_5_vl_vision import window_order
 from nanovlm.siglip import SiglipConfig
 from nanovlm.synthetic import ensure_synthetic, synthetic_tokenizer
 from nanovlm.tokenizer import DEFAULT_SYSTEM, Tokenizer
@@ -371,101 +370,6 @@ def make_vlm_optimizer(model, args):
     if isinstance(model, WithNumericHead):
         groups.append(("numeric", model.numeric.parameters(), args.numeric_lr))
     return tu.make_optimizer(groups, weight_decay=args.weight_decay, muon_params=matrices)
-
-
-def train_flops(model, batch):
-    """FLOPs of one forward and backward pass of `model` over a collated (CPU) batch, counting what runs, for MFU.
-
-    Matrix products cost 2 FLOPs per multiply-add. Each weight's forward runs over the tokens it sees: the ViT
-    over the patches of the batch's images, the projector over their image tokens, the LM over the real (not
-    padding) tokens, the output head only over the labelled positions. Attention scores and weighted sums are
-    counted per sample: L (L + 1) / 2 query-key pairs for a causal sample of L tokens, P^2 for an image of P
-    patches; Qwen2.5-VL's tower, P^2 per window of P patches in its window blocks and per image (frame) in its
-    full-attention blocks. The backward pass costs 2x a layer's forward for the input gradient when anything
-    before the layer trains (a gradient must pass through it), plus 2x for the weight gradient when its weight
-    trains. Norms, activations, biases, rotary embeddings and embedding lookups are left out: a few percent at most."""
-    cfg, lm, vit = model.cfg, model.lm, model.vision
-    total, grad = 0, False      # grad: does a gradient have to flow back into the current layer's input?
-
-    def linear(module, n):      # an nn.Linear (or LoRA-wrapped one) applied to n tokens
-        nonlocal total, grad
-        if isinstance(module, lora.LoRALinear):   # the frozen base, then the two thin adapter products
-            linear(module.base, n)
-            r, (out_f, in_f) = module.lora_A.shape[0], module.base.weight.shape
-            total, grad = total + 3 * 2 * r * (in_f + out_f) * n, True
-            return
-        trains = module.weight.requires_grad
-        total += 2 * module.weight.numel() * n * (1 + grad + trains)
-        grad = grad or trains
-
-    def attention(pairs, width):   # QK^T and the weighted sum of V: 2 products of `width` channels per pair
-        nonlocal total
-        total += 2 * 2 * pairs * width * (1 + 2 * grad)
-
-    def patch_embedding(conv, n):   # the first layer: a gradient into its input (the pixels) is never needed
-        nonlocal total, grad
-        grad = conv.weight.requires_grad
-        total += 2 * conv.weight.numel() * n * (1 + grad)
-
-    # A batch without images runs a blank one through a training vision side (VLM.embed, Qwen25VL.embed): its
-    # features count 0 times, but it is computed.
-    blank = model.vision_side_trains()
-    image_tokens = 0
-    if "image_grid_thw" in batch:   # Qwen2.5-VL: each image at its own size
-        grid, v = batch["image_grid_thw"], cfg.vision
-        m = v.spatial_merge_size
-        if not len(grid) and blank:
-            grid = torch.tensor([[1, m, m]])   # the smallest image: one merged token
-        if len(grid):
-            patches = int(grid.prod(-1).sum())
-            patch_embedding(vit.patch_embed.proj, patches)
-            _, windows = window_order(grid, m, v.window_size // v.patch_size // m)   # merged tokens per window
-            pairs = {"window": int(((windows * m * m) ** 2).sum()),                    # per window, both ways
-                     "full": int((grid[:, 0] * (grid[:, 1] * grid[:, 2]) ** 2).sum())}   # per frame
-            for i, layer in enumerate(vit.layers):
-                linear(layer.attn.qkv, patches)
-                attention(pairs["full" if i in v.fullatt_block_indexes else "window"], v.hidden_size)
-                for lin in (layer.attn.proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                    linear(lin, patches)
-            image_tokens = patches // (m * m)
-    else:   # the SigLIP VLM: every image at one size
-        n_images = batch["pixel_values"].shape[0] or int(blank)
-        patches = (cfg.image_size // cfg.vision.patch_size) ** 2
-        if n_images:
-            patch_embedding(vit.embeddings.patch_embedding, n_images * patches)
-            for layer in vit.layers:
-                a = layer.self_attn
-                for lin in (a.q_proj, a.k_proj, a.v_proj):
-                    linear(lin, n_images * patches)
-                attention(n_images * patches ** 2, cfg.vision.hidden_size)
-                for lin in (a.out_proj, layer.fc1, layer.fc2):
-                    linear(lin, n_images * patches)
-            image_tokens = n_images * cfg.image_tokens
-    if image_tokens:
-        linear(model.projector.fc1, image_tokens)
-        linear(model.projector.fc2, image_tokens)
-    grad = grad or lm.embed_tokens.weight.requires_grad
-    lengths = sample_lengths(batch["attention_mask"])
-    n_real, pairs = sum(lengths), sum(L * (L + 1) // 2 for L in lengths)
-    for layer in lm.layers:
-        a, m = layer.attn, layer.mlp
-        for lin in (a.q_proj, a.k_proj, a.v_proj):
-            linear(lin, n_real)
-        attention(pairs, lm.cfg.num_attention_heads * lm.cfg.head_dim)
-        for lin in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-            linear(lin, n_real)
-    n_labelled = int((batch["labels"][:, 1:] != -100).sum())
-    linear(lm.lm_head if lm.lm_head is not None else lm.embed_tokens, n_labelled)   # tied: the embedding matrix
-    return total
-
-
-def sample_lengths(attention_mask):
-    """Token counts of the samples in a batch: one per row (0/1 mask) or several per packed row (1, 2, ...)."""
-    lengths = []
-    for row in attention_mask.long():
-        ids, counts = torch.unique_consecutive(row, return_counts=True)
-        lengths += [int(c) for i, c in zip(ids.tolist(), counts.tolist()) if i > 0]
-    return lengths
 
 
 def save_vlm_checkpoint(out_dir, model, tok, opt, step, args, dist):

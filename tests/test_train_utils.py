@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nanovlm import train_utils as tu
+from nanovlm.flops import flops_per_token, mfu, peak_flops, peak_flops_of
 from nanovlm.gpt import GPT, GPTConfig
 
 
@@ -157,8 +158,8 @@ def test_metrics_logger_jsonl_plot_and_resume(tmp_path):
 
 
 def test_throughput_formulas():
-    assert tu.flops_per_token(1000, 2, 8, 4) == 6 * 1000 + 12 * 2 * 8 * 4
-    assert tu.mfu(1e12, "cpu") is None and tu.peak_flops("cpu") is None
+    assert flops_per_token(1000, 2, 8, 4) == 6 * 1000 + 12 * 2 * 8 * 4
+    assert mfu(1e12, "cpu") is None and peak_flops("cpu") is None
 
 
 @pytest.mark.parametrize("name, peak", [
@@ -168,17 +169,17 @@ def test_throughput_formulas():
     ("NVIDIA A10G", None), ("Tesla T4", None)])
 def test_peak_table_matches_the_right_device(name, peak):
     """The most specific name wins ("L40" is not an "L4", "H100 PCIe" not an SXM H100); unknown: no MFU."""
-    assert tu.peak_flops_of(name) == peak
+    assert peak_flops_of(name) == peak
 
 
 def test_train_flops_by_hand():
-    """vlm_train.train_flops against a hand count on a tiny VLM: one packed row of two samples (3 and 5 tokens),
+    """flops.train_flops against a hand count on a tiny VLM: one packed row of two samples (3 and 5 tokens),
     one 8x8 image of 4 patches (1 image token after the 2x2 shuffle), 2 labelled positions."""
     from nanovlm.projector import ProjectorConfig
     from nanovlm.qwen2 import Qwen2Config
     from nanovlm.siglip import SiglipConfig
     from nanovlm.vlm import VLM, VLMConfig
-    from nanovlm.vlm_train import train_flops
+    from nanovlm.flops import train_flops
     cfg = VLMConfig(lm=Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),
                     vision=SiglipConfig(image_size=8, patch_size=4, hidden_size=8, intermediate_size=16,
@@ -225,7 +226,7 @@ def test_train_flops_qwen_vl_by_hand():
     windows, block 1 (full attention) over the whole image's 24 patches."""
     from nanovlm.qwen2 import Qwen2Config
     from nanovlm.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, VisionConfig
-    from nanovlm.vlm_train import train_flops
+    from nanovlm.flops import train_flops
     cfg = Qwen25VLConfig(lm=Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),
                          vision=VisionConfig(depth=2, hidden_size=8, intermediate_size=12, num_heads=2,
