@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -47,3 +48,31 @@ def tiny_config(lm=None, vision=None, projector=None, **kw):
     return VLMConfig(lm=Qwen2Config(**{**TINY_LM, **(lm or {})}), vision=SiglipConfig(**{**TINY_VISION, **(vision or {})}),
                      projector=ProjectorConfig(**{"shuffle_factor": 2, **(projector or {})}),
                      **{"image_token_id": 5, "stop_token_ids": (3,), "pad_token_id": 0, **kw})
+
+
+# The bad-input tests' shared pieces (tests/test_bad_inputs.py, tests/test_bad_runs.py): a small tokenizer and
+# files written into tmp_path.
+@pytest.fixture(scope="module")
+def tok():
+    from nanovlm.tokenizer import train_tiny_tokenizer
+    return train_tiny_tokenizer(["Describe the image. A red circle. What is written? hello there"] * 20, 300)
+
+
+def write(path, text):
+    Path(path).write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def chat(*turns):
+    """A role/content record: chat("user", "hi", "assistant", "hello")."""
+    return json.dumps({"messages": [{"role": r, "content": c} for r, c in zip(turns[::2], turns[1::2])]})
+
+
+def tiny_vlm():
+    """A smaller tiny VLM (one layer each side, 16x16 images) with its ids at the top of a 64-token vocabulary."""
+    from nanovlm.vlm import VLM
+    cfg = tiny_config(lm=dict(vocab_size=64, num_hidden_layers=1),
+                      vision=dict(image_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2),
+                      projector=dict(shuffle_factor=1), image_token_id=63, stop_token_ids=(62,), pad_token_id=61)
+    return VLM(cfg)
